@@ -1,0 +1,43 @@
+# The two commands of the README:
+#   make demo   runs the main job (examples/demo.py) in a fresh .venv
+#   make test   installs the package (built as a wheel, not editable) into .venv and runs the
+#               whole suite from outside the checkout, so the installed package is what is tested
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SRC    := $(shell find quipu_logging -name '*.py' -o -name py.typed) setup.cfg pyproject.toml README.md
+PYTEST_ARGS ?=
+
+.PHONY: test demo bench lint typecheck check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): $(BIN)/python $(SRC)
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps .
+	$(BIN)/python -m pip install --quiet '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	cd $(VENV) && QUIPU_EXPECT_INSTALLED=1 ./bin/python -m pytest -p no:cacheprovider \
+		-c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(CURDIR)/tests $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py
+
+bench: $(STAMP)
+	$(BIN)/python bench/store.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check quipu_logging tests examples bench
+	$(BIN)/ruff format --check quipu_logging
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict quipu_logging
+
+check: test lint typecheck
+
+clean:
+	rm -rf $(VENV) .venv-* build dist *.egg-info .hypothesis demo-store

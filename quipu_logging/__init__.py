@@ -1,0 +1,62 @@
+"""quipu_logging: ordinary logging calls, kept as a tamper-evident audit trail.
+
+Everything users need is importable from here; implementation lives in ``_*.py``
+modules and in :mod:`quipu_logging.store`.
+"""
+
+from ._types import (
+    ConsistencyProof,
+    InclusionProof,
+    Page,
+    Problem,
+    Receipt,
+    StoredRecord,
+    VerifyReport,
+)
+from ._version import __version__
+from .errors import (
+    ConfigError,
+    CorruptionError,
+    FormatVersionError,
+    NotAStoreError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    PipelineClosedError,
+    QueryError,
+    QueueFullError,
+    QuipuError,
+    StoreBrokenError,
+    StoreClosedError,
+    StoreLockedError,
+    UnsupportedFilesystemError,
+)
+from .store import AuditStore, Checkpoint, RetentionPolicy, StoreConfig, SyncPolicy
+
+__all__ = [
+    "AuditStore",
+    "Checkpoint",
+    "ConfigError",
+    "ConsistencyProof",
+    "CorruptionError",
+    "FormatVersionError",
+    "InclusionProof",
+    "NotAStoreError",
+    "Page",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "PipelineClosedError",
+    "Problem",
+    "QueryError",
+    "QueueFullError",
+    "QuipuError",
+    "Receipt",
+    "RetentionPolicy",
+    "StoreBrokenError",
+    "StoreClosedError",
+    "StoreConfig",
+    "StoredRecord",
+    "SyncPolicy",
+    "UnsupportedFilesystemError",
+    "VerifyReport",
+    "__version__",
+]

@@ -1,0 +1,7 @@
+"""``python -m quipu_logging``: the ``quipu-log`` command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,32 @@
+"""Shared test setup: Hypothesis profiles, and proof that the installed package is under test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import quipu_logging
+
+# "ci": reproducible (derandomized) and free of wall-clock deadlines on a loaded 2-core runner.
+settings.register_profile("ci", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"quipu_logging {quipu_logging.__version__} imported from {Path(quipu_logging.__file__).parent}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _installed_package_under_test() -> None:
+    """With QUIPU_EXPECT_INSTALLED=1 (make test, CI), the package must come from site-packages."""
+    if os.environ.get("QUIPU_EXPECT_INSTALLED") == "1":
+        where = Path(quipu_logging.__file__).resolve()
+        assert CHECKOUT not in where.parents or "site-packages" in where.parts, (
+            f"quipu_logging was imported from the checkout ({where}), not the installed wheel"
+        )
