@@ -14,6 +14,7 @@ from ._types import (
     VerifyReport,
 )
 from ._version import __version__
+from .context import AuditContextFilter
 from .errors import (
     ConfigError,
     CorruptionError,
@@ -30,9 +31,19 @@ from .errors import (
     StoreLockedError,
     UnsupportedFilesystemError,
 )
+from .formatter import AuditJsonFormatter
+from .handler import AuditHandler
+from .permissions import Action, PermissionPolicy, Role
+from .pipeline import AuditHandle, AuditPipeline, PipelineConfig
 from .store import AuditStore, Checkpoint, RetentionPolicy, StoreConfig, SyncPolicy
 
 __all__ = [
+    "Action",
+    "AuditContextFilter",
+    "AuditHandle",
+    "AuditHandler",
+    "AuditJsonFormatter",
+    "AuditPipeline",
     "AuditStore",
     "Checkpoint",
     "ConfigError",
@@ -44,16 +55,20 @@ __all__ = [
     "Page",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "PermissionPolicy",
     "PipelineClosedError",
+    "PipelineConfig",
     "Problem",
     "QueryError",
     "QueueFullError",
     "QuipuError",
     "Receipt",
     "RetentionPolicy",
+    "Role",
     "StoreBrokenError",
     "StoreClosedError",
     "StoreConfig",
+    "StoreLockedError",
     "StoredRecord",
     "SyncPolicy",
     "UnsupportedFilesystemError",

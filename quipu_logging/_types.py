@@ -142,6 +142,14 @@ def _unhex(value: Any, name: str) -> bytes:
         raise ValueError(f"proof field {name!r} is not valid hex") from None
 
 
+def _checkpoint(value: Any) -> Mapping[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("proof field 'checkpoint' must be a JSON object or null")
+    return value
+
+
 def _int(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"proof field {name!r} must be a non-negative integer")
@@ -161,6 +169,9 @@ class InclusionProof:
         leaf_hash: ``SHA-256(0x00 || raw payload)`` of the record.
         path: the audit path, RFC 9162 §2.1.3.
         root: the root of the tree of ``tree_size`` leaves.
+        checkpoint: the checkpoint line (as a dict) that states this root, when the
+            store wrote one at ``tree_size``: with a signature, it proves who vouched
+            for the root.
     """
 
     seq: int
@@ -168,6 +179,7 @@ class InclusionProof:
     leaf_hash: bytes
     path: tuple[bytes, ...]
     root: bytes
+    checkpoint: Mapping[str, Any] | None = None
 
     def to_json(self) -> str:
         """Returns the proof as a JSON object, bytes as lowercase hex."""
@@ -180,6 +192,7 @@ class InclusionProof:
                 "leaf_hash": self.leaf_hash.hex(),
                 "path": _hex_list(list(self.path)),
                 "root": self.root.hex(),
+                "checkpoint": dict(self.checkpoint) if self.checkpoint is not None else None,
             },
             sort_keys=True,
         )
@@ -203,6 +216,7 @@ class InclusionProof:
             leaf_hash=_unhex(obj.get("leaf_hash"), "leaf_hash"),
             path=tuple(_unhex(p, "path") for p in path),
             root=_unhex(obj.get("root"), "root"),
+            checkpoint=_checkpoint(obj.get("checkpoint")),
         )
 
 
@@ -218,6 +232,7 @@ class ConsistencyProof:
         old_root: the root of the older tree.
         new_root: the root of the newer tree.
         path: the consistency proof, RFC 9162 §2.1.4.
+        checkpoint: the checkpoint line (as a dict) stating ``new_root``, when there is one.
     """
 
     old_size: int
@@ -225,6 +240,7 @@ class ConsistencyProof:
     old_root: bytes
     new_root: bytes
     path: tuple[bytes, ...]
+    checkpoint: Mapping[str, Any] | None = None
 
     def to_json(self) -> str:
         """Returns the proof as a JSON object, bytes as lowercase hex."""
@@ -237,6 +253,7 @@ class ConsistencyProof:
                 "old_root": self.old_root.hex(),
                 "new_root": self.new_root.hex(),
                 "path": _hex_list(list(self.path)),
+                "checkpoint": dict(self.checkpoint) if self.checkpoint is not None else None,
             },
             sort_keys=True,
         )
@@ -260,4 +277,5 @@ class ConsistencyProof:
             old_root=_unhex(obj.get("old_root"), "old_root"),
             new_root=_unhex(obj.get("new_root"), "new_root"),
             path=tuple(_unhex(p, "path") for p in path),
+            checkpoint=_checkpoint(obj.get("checkpoint")),
         )

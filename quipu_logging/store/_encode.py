@@ -376,9 +376,28 @@ def _learn_plain(k: str) -> None:
         _PLAIN_TOP_KEYS[k] = None
 
 
+class Marker(str):
+    """A key only the library creates (``Marker("$truncated")``): stored unescaped.
+
+    User keys starting with ``$`` are escaped to ``$$...``; the front ends use this
+    type for the markers DESIGN §4 reserves to the library (``$truncated``), so those
+    are the only unescaped ``$`` keys a stored record can carry. ``$sys`` is refused:
+    only the store itself writes system records.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, text: str) -> Marker:
+        if not text.startswith("$") or text in ("$sys", "$$sys"):
+            raise ValueError(f"not a library marker: {text!r}")
+        return super().__new__(cls, text)
+
+
 def _key_text(k: Any, st: _State) -> str:
     """The escaped text of a key (before de-duplication)."""
     t = type(k)
+    if t is Marker:
+        return str.__str__(k)
     if t is str:
         if k.isascii():
             if k[:1] != "$":

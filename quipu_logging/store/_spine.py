@@ -405,6 +405,11 @@ class Spine:
         self._disk_n = self._n
         self._pending = bytearray()
 
+    @property
+    def needs_sync(self) -> bool:
+        """True when hashes were appended or written since the last fsync."""
+        return self._dirty or bool(self._pending)
+
     def sync(self) -> None:
         """:meth:`flush`, then ``fsync`` the file if anything was written since the last one.
 

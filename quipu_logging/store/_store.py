@@ -93,6 +93,26 @@ class _Segment:
         if (seq - self.base_index) % fmt.INDEX_STRIDE == 0:
             self.index.append((seq, offset))
 
+    def note_batch(self, start: int, stamps: list[int], sizes: list[int]) -> None:
+        """Accounts for frames of ``sizes`` bytes written from ``start``, with times ``stamps``."""
+        lo, hi = min(stamps), max(stamps)
+        if self.min_ts is None or lo < self.min_ts:
+            self.min_ts = lo
+        if self.max_ts is None or hi > self.max_ts:
+            self.max_ts = hi
+        stride = fmt.INDEX_STRIDE
+        seq = self.base_index + self.count
+        # Index entries fall on seqs base + k*stride: only those offsets need computing.
+        k = -(seq - self.base_index) % stride
+        if k < len(sizes):
+            pos = start + sum(sizes[:k])
+            while k < len(sizes):
+                self.index.append((seq + k, pos))
+                pos += sum(sizes[k : k + stride])
+                k += stride
+        self.length = start + sum(sizes)
+        self.count += len(sizes)
+
     def sidecar(self) -> fmt.Sidecar:
         return fmt.Sidecar(
             base_index=self.base_index,
@@ -493,8 +513,7 @@ class AuditStore:
             added = end - spine.size
             spine.append_many(recomputed[spine.size - lo :])
             self.repairs.append(f"added {added} missing Merkle spine leaves from the segments")
-        spine.sync()
-        self.fsyncs += 1
+        self._sync_spine()
 
     def _leaves_between(self, start: int, end: int) -> list[bytes]:
         """Leaf hashes of records [start, end), read from the segments."""
@@ -656,7 +675,7 @@ class AuditStore:
         self._check_writable()
         batch = list(events)
         for event in batch:
-            if not isinstance(event, Mapping):
+            if type(event) is not dict and not isinstance(event, Mapping):
                 raise TypeError(
                     f"an audit record must be a mapping (a dict of fields), got {type(event).__name__}"
                 )
@@ -664,12 +683,13 @@ class AuditStore:
         seq = self._next_seq
         payloads: list[bytes] = []
         stamps: list[int] = []
+        add_payload, add_stamp = payloads.append, stamps.append
         for event in batch:
             payload, ts = encode_event(event, seq=seq, now_us=now)
             if len(payload) > fmt.MAX_PAYLOAD:
                 raise PayloadTooLargeError(len(payload), fmt.MAX_PAYLOAD)
-            payloads.append(payload)
-            stamps.append(ts)
+            add_payload(payload)
+            add_stamp(ts)
             seq += 1
         return self._write(payloads, stamps)
 
@@ -753,32 +773,34 @@ class AuditStore:
         receipts: list[Receipt] = []
         frame_header = fmt._FRAME.pack
         crc32 = fmt._crc32
+        header_size = fmt.FRAME_HEADER
         n = len(payloads)
         i = 0
         try:
             while i < n:
                 active = self._segments[-1]
                 room = limit - active.length
-                chunk: list[bytes] = []
-                leaves: list[bytes] = []
-                size = 0
-                j = i
-                while j < n:
-                    payload = payloads[j]
-                    need = fmt.FRAME_HEADER + len(payload)
-                    if size + need > room and (active.count or chunk):
-                        break
-                    chunk.append(frame_header(len(payload), crc32(payload)))
-                    chunk.append(payload)
-                    leaves.append(_sha256(_LEAF + payload).digest())
-                    size += need
-                    j += 1
+                rest = payloads[i:] if i else payloads
+                sizes = [header_size + len(p) for p in rest]
+                if sum(sizes) <= room or (not active.count and len(rest) == 1):
+                    j = n  # the common case: the whole batch fits in the active segment
+                else:
+                    used = 0
+                    j = i
+                    for need in sizes:
+                        if used + need > room and (active.count or j > i):
+                            break
+                        used += need
+                        j += 1
                 if j == i:
                     self._roll()
                     continue
-                self._write_chunk(active, b"".join(chunk), leaves, stamps[i:j], payloads[i:j])
-                for k, leaf in enumerate(leaves):
-                    receipts.append(Receipt(active.end - (j - i) + k, leaf, stamps[i + k]))
+                part = rest[: j - i]
+                data = b"".join([b for p in part for b in (frame_header(len(p), crc32(p)), p)])
+                leaves = [_sha256(_LEAF + p).digest() for p in part]
+                first = active.end
+                self._write_chunk(active, data, leaves, stamps[i:j], sizes[: j - i])
+                receipts.extend(map(Receipt, range(first, first + (j - i)), leaves, stamps[i:j]))
                 i = j
         except OSError as e:
             e.quipu_written = len(receipts)  # type: ignore[attr-defined]
@@ -787,7 +809,7 @@ class AuditStore:
         return receipts
 
     def _write_chunk(
-        self, active: _Segment, data: bytes, leaves: list[bytes], stamps: list[int], payloads: list[bytes]
+        self, active: _Segment, data: bytes, leaves: list[bytes], stamps: list[int], sizes: list[int]
     ) -> None:
         assert self._spine is not None and self._active_fd is not None
         start = active.length
@@ -805,14 +827,7 @@ class AuditStore:
             except OSError as cleanup:
                 self._broken = cleanup
             raise
-        pos = start
-        seq = active.end
-        for payload, ts in zip(payloads, stamps, strict=True):
-            active.note(seq, pos, ts)
-            pos += fmt.FRAME_HEADER + len(payload)
-            seq += 1
-        active.length = pos
-        active.count += len(leaves)
+        active.note_batch(start, stamps, sizes)
         self._next_seq = active.end
 
     def _after_append(self, n: int) -> None:
@@ -821,13 +836,13 @@ class AuditStore:
             self._oldest_unsynced = self._clock()
         policy = self._policy
         if policy.mode == "always":
-            self._sync_data()
+            self._sync_data(full=False)
         elif policy.mode == "every":
             if self._unsynced >= policy.n:
-                self._sync_data()
+                self._sync_data(full=False)
         elif policy.mode == "group":
             if self._unsynced >= policy.n or self._clock() - self._oldest_unsynced >= policy.ms / 1000.0:
-                self._sync_data()
+                self._sync_data(full=False)
 
     def sync_due(self) -> float | None:
         """Seconds until the sync policy's time bound falls due for pending records.
@@ -850,7 +865,7 @@ class AuditStore:
         due = self.sync_due()
         if due is not None and due <= 0.0:
             self._check_writable()
-            self._sync_data()
+            self._sync_data(full=False)
             return True
         return False
 
@@ -859,12 +874,19 @@ class AuditStore:
         self._check_writable()
         self._sync_data()
 
-    def _sync_data(self) -> None:
+    def _sync_data(self, *, full: bool = True) -> None:
+        """Makes the appended records durable: the segment, then (``full``) the spine.
+
+        The sync policy's own syncs are not ``full``: a record is durable once its
+        frame is, because recovery re-derives spine leaves after the last checkpoint
+        from the segments. The spine is fsynced by ``sync()``, before every
+        checkpoint (seal, retention, close), so it is never short below one.
+        """
         assert self._spine is not None and self._active_fd is not None
         try:
             self._fsync(self._active_fd)
-            self._spine.sync()
-            self.fsyncs += 1
+            if full:
+                self._sync_spine()
         except OSError as e:
             # Never retry: after a failed fsync Linux may have dropped the dirty pages.
             self._broken = e
@@ -878,6 +900,14 @@ class AuditStore:
     def _fsync(self, fd: int) -> None:
         self._io.fsync(fd)
         self.fsyncs += 1
+
+    def _sync_spine(self) -> None:
+        assert self._spine is not None
+        if self._spine.needs_sync:
+            self._spine.sync()
+            self.fsyncs += 1
+        else:
+            self._spine.flush()
 
     def _fsync_dir(self, path: str) -> None:
         self._io.fsync_dir(path)
@@ -988,18 +1018,32 @@ class AuditStore:
         return self._spine
 
     def refresh(self) -> None:
-        """Re-reads the directory and the spine so a reader sees newer records."""
+        """Re-reads the checkpoints, the spine and the directory so a reader sees newer records."""
+        self._refresh()
+
+    def _refresh(self) -> list[tuple[int, Checkpoint | None, str]]:
+        """:meth:`refresh`, returning the checkpoint lines read (for ``verify``).
+
+        The writer publishes a record to the segment, then the spine, then (at a
+        checkpoint) ``checkpoints.jsonl``; reading in the opposite order gives a
+        consistent snapshot: no checkpoint read covers more than the spine read, and
+        no spine leaf read lacks its frame.
+
+        Returns:
+            The checkpoint lines read (for ``verify``).
+        """
         if self._writable:
-            return
+            return self._reload_lines()
         if self._closed:
             raise StoreClosedError(f"store {self.root!r} is closed")
-        self._segments = self._list_segments() if os.path.isdir(self._log_dir) else []
+        lines = self._load_checkpoints(writable=False)
         spine_path = os.path.join(self.root, "merkle.spine")
         if self._spine is None:
             self._spine = Spine.open(spine_path, self._io, writable=False)
         else:
             self._spine.refresh()
-        self._load_checkpoints(writable=False)
+        self._segments = self._list_segments() if os.path.isdir(self._log_dir) else []
+        return lines
 
     def _iter_records(
         self, start: int = 0, end: int | None = None
@@ -1338,6 +1382,31 @@ class AuditStore:
             payload=obj,
         )
 
+    def stats(self) -> dict[str, Any]:
+        """A summary: stored records, segments, bytes, time span, tree size, root, last checkpoint.
+
+        Returns:
+            A JSON-ready dict (``root`` in hex, ``last_checkpoint`` as its dict or ``None``).
+        """
+        if self._closed:
+            raise StoreClosedError(f"store {self.root!r} is closed")
+        views = [v for v in self._segment_views() if v.base_index >= 0]
+        firsts = [v.min_ts for v in views if v.min_ts is not None]
+        lasts = [v.max_ts for v in views if v.max_ts is not None]
+        spine = self._require_spine()
+        return {
+            "root_dir": self.root,
+            "records": sum(v.count for v in views),
+            "first_seq": views[0].base_index if views else 0,
+            "segments": len(views),
+            "bytes": sum(v.length for v in views),
+            "first_ts": min(firsts) if firsts else None,
+            "last_ts": max(lasts) if lasts else None,
+            "tree_size": spine.size,
+            "root": spine.root().hex(),
+            "last_checkpoint": self._last_checkpoint.to_dict() if self._last_checkpoint else None,
+        }
+
     # ---------------------------------------------------------------- retention
 
     def apply_retention(self, policy: RetentionPolicy | None = None) -> int:
@@ -1426,7 +1495,18 @@ class AuditStore:
             leaf_hash=spine.leaf(seq),
             path=tuple(spine.inclusion_proof(seq, n)),
             root=spine.root(n),
+            checkpoint=self._checkpoint_at(n),
         )
+
+    def _checkpoint_at(self, size: int) -> dict[str, Any] | None:
+        """The newest checkpoint stating the root of ``size`` leaves, as a dict, if any."""
+        assert self._spine is not None
+        lines = self._reload_lines()
+        root = self._spine.root(size)
+        for _, cp, _ in reversed(lines):
+            if cp is not None and cp.tree_size == size and cp.root == root:
+                return cp.to_dict()
+        return None
 
     def prove_consistency(self, old_size: int, new_size: int | None = None) -> ConsistencyProof:
         """Proves that the tree of ``new_size`` leaves (default: now) extends the one of ``old_size``.
@@ -1446,11 +1526,18 @@ class AuditStore:
             old_root=spine.root(old_size),
             new_root=spine.root(n),
             path=tuple(spine.consistency_proof(old_size, n)),
+            checkpoint=self._checkpoint_at(n),
         )
 
     # ------------------------------------------------------------------- verify
 
-    def verify(self, *, public_keys: Iterable[Any] = (), anchor: Any = None) -> VerifyReport:
+    def verify(
+        self,
+        *,
+        public_keys: Iterable[Any] = (),
+        anchor: Any = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> VerifyReport:
         """Checks the whole store and reports every problem found; never raises on content.
 
         It re-hashes every stored record against the Merkle spine, checks ``seq``
@@ -1464,6 +1551,8 @@ class AuditStore:
                 keys given, every checkpoint must be signed by one of them.
             anchor: a :class:`Checkpoint`, its dict or JSON line, or a path to a file
                 holding one.
+            progress: called as ``progress(records_checked, tree_size)`` after each segment
+                (the CLI draws its progress bar with it).
 
         Returns:
             A :class:`VerifyReport` (truthy when intact).
@@ -1477,8 +1566,8 @@ class AuditStore:
             self._spine.flush()
             live = True
         else:
-            self.refresh()
             live = is_locked(self.root)
+            lines = self._refresh()
         spine = self._spine
         assert spine is not None
         spine_path = os.path.join(self.root, "merkle.spine")
@@ -1486,7 +1575,8 @@ class AuditStore:
         bad = spine.check(tree)
         if bad is not None:
             problems.append(Problem(spine_path, bad[0], None, bad[1]))
-        lines = self._load_checkpoints(writable=False) if not self._writable else self._reload_lines()
+        if self._writable:
+            lines = self._reload_lines()
         last_cp_size = self._last_checkpoint.tree_size if self._last_checkpoint else 0
         expected: int | None = None
         checked = 0
@@ -1532,45 +1622,60 @@ class AuditStore:
                     reason = f"segment starts at seq {base}, overlapping records up to {expected - 1}"
                 problems.append(Problem(seg.path, 0, expected, reason))
             scan = fmt.scan_frames(data)
-            stored = spine.leaves(min(base, tree), min(base + len(scan.frames), tree))
-            seq = base
-            for k, (pos, length) in enumerate(scan.frames):
-                payload = data[pos + fmt.FRAME_HEADER : pos + fmt.FRAME_HEADER + length]
-                try:
-                    obj = _loads(payload)
-                    got = obj.get("seq") if isinstance(obj, dict) else None
-                except orjson.JSONDecodeError:
-                    obj, got = None, "unparseable"
-                if isinstance(obj, dict) and obj.get("$sys") == "retention":
-                    # Only the store writes "$sys" (user keys are escaped to "$$sys").
-                    below = obj.get("removed_below")
-                    if type(below) is int:
-                        retention_floor = below
-                if type(got) is not int or got != seq:
-                    problems.append(
-                        Problem(seg.path, pos, seq, f"record at position seq {seq} carries seq {got!r}")
-                    )
-                if seq < tree:
-                    if _sha256(_LEAF + payload).digest() != stored[k]:
+            frames = scan.frames
+            hdr = fmt.FRAME_HEADER
+            view = memoryview(data)
+            payloads = [view[pos + hdr : pos + hdr + length] for pos, length in frames]
+            published = max(0, min(len(frames), tree - base))
+            stored = spine.leaves(min(base, tree), base + published) if published else []
+            leaves = [_sha256(_LEAF + p).digest() for p in payloads[:published]]
+            if leaves != stored:
+                for k in range(published):
+                    if leaves[k] != stored[k]:
                         problems.append(
                             Problem(
                                 seg.path,
-                                pos,
-                                seq,
+                                frames[k][0],
+                                base + k,
                                 "record does not match its Merkle leaf: it was modified after being written",
                             )
                         )
-                elif live and seq >= last_cp_size:
+            for k in range(published, len(frames)):
+                if live and base + k >= last_cp_size:
                     pending += 1
                 else:
                     orphans += 1
                     problems.append(
                         Problem(
-                            seg.path, pos, seq, "record has no leaf in the Merkle spine (spine truncated?)"
+                            seg.path,
+                            frames[k][0],
+                            base + k,
+                            "record has no leaf in the Merkle spine (spine truncated?)",
                         )
                     )
-                checked += 1
+            seq = base
+            for k, payload in enumerate(payloads):
+                try:
+                    obj = _loads(payload)
+                    got = obj.get("seq") if type(obj) is dict else None
+                except orjson.JSONDecodeError:
+                    obj, got = None, "unparseable"
+                if type(got) is not int or got != seq:
+                    problems.append(
+                        Problem(
+                            seg.path, frames[k][0], seq, f"record at position seq {seq} carries seq {got!r}"
+                        )
+                    )
+                if type(obj) is dict and "$sys" in obj and obj["$sys"] == "retention":
+                    # Only the store writes "$sys" (user keys are escaped to "$$sys").
+                    below = obj.get("removed_below")
+                    if type(below) is int:
+                        retention_floor = below
                 seq += 1
+            checked += len(frames)
+            del payloads, view
+            if progress is not None:
+                progress(checked, tree)
             if scan.stop_reason is not None:
                 # A torn tail of the last segment holding no published record is a crash
                 # artefact that the next writer open cuts away; anything else is damage.

@@ -962,3 +962,22 @@ class TestEncodingProperties:
         assert orjson.dumps(decoded["v"], option=orjson.OPT_SORT_KEYS) == orjson.dumps(
             normalised, option=orjson.OPT_SORT_KEYS
         )
+
+
+class TestLibraryMarkers:
+    def test_marker_key_is_stored_unescaped_and_user_key_is_escaped(self) -> None:
+        """Only a library Marker key is written as '$truncated'; the user's own '$truncated' is escaped."""
+        from quipu_logging.store._encode import Marker
+
+        payload, _ = encode_event({Marker("$truncated"): {"f": 9}, "x": {"$truncated": 1}}, seq=0, now_us=5)
+        assert payload == b'{"$truncated":{"f":9},"seq":0,"ts":5,"x":{"$$truncated":1}}'
+        user, _ = encode_event({"$truncated": 1}, seq=0, now_us=5)
+        assert user == b'{"$$truncated":1,"seq":0,"ts":5}'
+
+    def test_marker_refuses_sys_and_plain_names(self) -> None:
+        """A Marker must start with '$' and can never be '$sys'."""
+        from quipu_logging.store._encode import Marker
+
+        for bad in ("$sys", "truncated", ""):
+            with pytest.raises(ValueError, match="not a library marker"):
+                Marker(bad)

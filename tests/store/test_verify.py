@@ -14,6 +14,7 @@ import shutil
 import struct
 import tempfile
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -746,5 +747,12 @@ class TestProofs:
             proofs = [writer.prove_inclusion(s) for s in range(13)]
             cons = [writer.prove_consistency(o) for o in range(14)]
         reader = AuditStore.open_reader(root)
-        assert proofs == [reader.prove_inclusion(s) for s in range(13)]
-        assert cons == [reader.prove_consistency(o) for o in range(14)]
+        # close() wrote a checkpoint at size 13, which the reader's proofs now carry
+        closing = reader.last_checkpoint
+        assert closing is not None and closing.tree_size == 13
+        assert [replace(p, checkpoint=closing.to_dict()) for p in proofs] == [
+            reader.prove_inclusion(s) for s in range(13)
+        ]
+        assert [replace(c, checkpoint=closing.to_dict()) for c in cons] == [
+            reader.prove_consistency(o) for o in range(14)
+        ]
