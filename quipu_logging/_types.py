@@ -126,10 +126,9 @@ def _hex_list(items: list[bytes]) -> list[str]:
 
 def _load(data: str | bytes | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(data, (str, bytes)):
-        loaded = json.loads(data)
-        if not isinstance(loaded, dict):
-            raise ValueError("a proof must be a JSON object")
-        return loaded
+        data = json.loads(data)
+    if not isinstance(data, Mapping):
+        raise ValueError("a proof must be a JSON object")
     return data
 
 

@@ -57,6 +57,7 @@ from ._spine import Spine, stored_hash_count
 __all__ = ["AuditStore"]
 
 _SEG_RE = re.compile(r"^seg-(\d{10})\.log$")
+_HOLE_PROBE = 1024  # the largest gap in a segment listing that is re-checked by name
 _LEAF = merkle.LEAF_PREFIX
 _sha256 = hashlib.sha256
 _loads = orjson.loads
@@ -213,18 +214,23 @@ class AuditStore:
         return store
 
     @classmethod
-    def open_reader(cls, root: str | os.PathLike[str]) -> AuditStore:
+    def open_reader(cls, root: str | os.PathLike[str], *, file_layer: FileLayer | None = None) -> AuditStore:
         """Opens a store for reading, without any lock, safe while a writer appends.
 
         The reader sees whole frames only, and :meth:`refresh` makes newer records
         visible. It never fails on content: damage is :meth:`verify`'s to report.
+
+        Args:
+            root: the store directory.
+            file_layer: the layer segment and spine reads go through (tests count reads
+                with it); default a plain :class:`FileLayer`.
 
         Raises:
             NotAStoreError: ``root`` is not a store.
             FormatVersionError: the store was written by an incompatible release.
         """
         config = StoreConfig(root=root)
-        store = cls(config, FileLayer(), writable=False)
+        store = cls(config, file_layer or FileLayer(), writable=False)
         store._check_format(create=False)
         store.refresh()
         return store
@@ -244,7 +250,8 @@ class AuditStore:
     def _check_format(self, *, create: bool) -> None:
         path = os.path.join(self.root, "FORMAT")
         if not os.path.isdir(self.root):
-            raise NotAStoreError(f"{self.root!r} is not a store: no such directory")
+            what = "a file" if os.path.exists(self.root) else "no such directory"
+            raise NotAStoreError(f"{self.root!r} is not a store: {what}")
         if not os.path.exists(path):
             self._refuse_foreign_directory()
             if not create:
@@ -297,6 +304,19 @@ class AuditStore:
             if m:
                 found.append((int(m.group(1)), os.path.join(self._log_dir, name)))
         found.sort()
+        # readdir need not return entries created while it runs (ext4 returns them in hash
+        # order), so a listing taken while the writer rolls over can hold seg N+1 but miss
+        # seg N. Segment numbers are consecutive: probe small holes by name (a segment
+        # really deleted stays missing, and verify reports it).
+        holes: list[tuple[int, str]] = []
+        for (a, _), (b, _) in zip(found, found[1:]):
+            if b - a <= _HOLE_PROBE:
+                for n in range(a + 1, b):
+                    path = os.path.join(self._log_dir, fmt.segment_name(n))
+                    if os.path.exists(path):
+                        holes.append((n, path))
+        if holes:
+            found = sorted(found + holes)
         return [_Segment(number=n, path=p, base_index=-1) for n, p in found]
 
     def _read_file(self, path: str, limit: int | None = None) -> bytes:
@@ -1170,6 +1190,16 @@ class AuditStore:
         return views
 
     def _describe_view(self, view: _Segment, size: int, *, trust_sidecar: bool = True) -> None:
+        """Describes a sealed segment from its sidecar when that is plausible, else by a scan.
+
+        A sidecar is never trusted: what it says is checked here as far as the segment's
+        header and its own shape allow (base, length, index seqs and offsets, count),
+        and then at each use: a block read through its index must hold exactly the
+        frames it should (:meth:`_segment_records`), its count must meet the next
+        segment's base (:meth:`_segment_views`), and its time span, which only a full
+        read can confirm, is confirmed before it lets a query skip the segment
+        (:meth:`_checked_span`). Views from a sidecar carry ``sidecar_used``.
+        """
         fd = self._io.open(view.path, os.O_RDONLY)
         try:
             header = self._io.pread(fd, fmt.SEGMENT_HEADER, 0)
@@ -1177,22 +1207,50 @@ class AuditStore:
             self._io.close(fd)
         base = fmt.parse_segment_header(header, view.path)
         side = self._sidecar_for(view, size) if trust_sidecar else None
-        if (
-            side is not None
-            and side.base_index == base
-            and (side.count == 0 or (side.index and side.index[0] == (base, fmt.SEGMENT_HEADER)))
-            and len(side.index) == (side.count + fmt.INDEX_STRIDE - 1) // fmt.INDEX_STRIDE
-        ):
+        if side is not None and _sidecar_fits(side, base, size):
             view.base_index, view.count, view.length = base, side.count, side.length
             view.min_ts, view.max_ts, view.index = side.min_ts, side.max_ts, list(side.index)
             view.sealed = view.sidecar_used = True
             return
-        data = self._read_file(view.path)
-        view.base_index = base
-        self._fill_from_scan(view, data, fmt.scan_frames(data, find_resync=False))
+        scanned = self._scanned_view(view.number, view.path)
+        for name in ("base_index", "count", "length", "min_ts", "max_ts", "index"):
+            setattr(view, name, getattr(scanned, name))
         view.sealed = True
         view.sidecar_used = False
         self.sidecars_rebuilt += 1
+
+    def _scanned_view(self, number: int, path: str) -> _Segment:
+        """A sealed segment described by reading all of it (trusted, unlike a sidecar)."""
+        data = self._read_file(path)
+        view = _Segment(number=number, path=path, base_index=fmt.parse_segment_header(data, path))
+        self._fill_from_scan(view, data, fmt.scan_frames(data, find_resync=False))
+        view.sealed = True
+        return view
+
+    def _checked_span(self, seg: _Segment) -> _Segment | None:
+        """``seg`` with a time span that may be trusted to skip it (``None``: it is gone).
+
+        A span from a sidecar is only a claim: before it lets a query (or retention)
+        pass over the segment, the segment is read once and the claim replaced by what
+        it holds; the result is kept for the life of this store object.
+        """
+        if not seg.sidecar_used:
+            return seg
+        try:
+            fresh = self._scanned_view(seg.number, seg.path)
+        except (OSError, CorruptionError):
+            return None
+        self.segments_opened += 1
+        if (fresh.count, fresh.min_ts, fresh.max_ts, fresh.index, fresh.length) != (
+            seg.count,
+            seg.min_ts,
+            seg.max_ts,
+            seg.index,
+            seg.length,
+        ):
+            self.sidecars_rebuilt += 1
+        self._views_cache[seg.number] = fresh
+        return fresh
 
     def _scan_active_view(self, number: int, path: str, size: int, cached: _Segment | None) -> _Segment:
         if cached is None or cached.sealed or size < cached.length:
@@ -1243,25 +1301,56 @@ class AuditStore:
     def _segment_records(
         self, seg: _Segment, lo: int, hi: int, *, reverse: bool
     ) -> Iterator[tuple[int, bytes]]:
-        """``(seq, payload)`` of the whole frames of ``seg`` with ``lo <= seq < hi``, block by block."""
-        blocks = self._blocks_of(seg, max(lo, seg.base_index), min(hi, seg.end))
+        """``(seq, payload)`` of the whole frames of ``seg`` with ``lo <= seq < hi``, block by block.
+
+        A block found through a sidecar's index must be exactly what the index says:
+        whole, CRC-clean frames up to the next entry, as many as the seqs it spans, the
+        first carrying the entry's ``seq``. Otherwise the sidecar lied (or the segment
+        changed): the segment is rescanned, that description replaces the sidecar's,
+        and reading goes on from the first record not yet returned.
+        """
+        lo, hi = max(lo, seg.base_index), min(hi, seg.end)
+        blocks = self._blocks_of(seg, lo, hi)
         if not blocks:
             return
         self.segments_opened += 1
-        fd = self._io.open(seg.path, os.O_RDONLY)
+        try:
+            fd = self._io.open(seg.path, os.O_RDONLY)
+        except OSError:
+            return  # removed (by retention) since it was listed
+        done: int | None = None  # the last seq returned
+        mismatch = False
         try:
             for first_seq, start, end in reversed(blocks) if reverse else blocks:
                 data = self._io.pread(fd, end - start, start)
                 scan = fmt.scan_frames(data, 0, find_resync=False)
+                if seg.sidecar_used and not _block_fits(
+                    data, scan, first_seq, min(first_seq + fmt.INDEX_STRIDE, seg.end) - first_seq, end - start
+                ):
+                    mismatch = True
+                    break
                 rows = []
                 seq = first_seq
                 for pos, length in scan.frames:
                     if lo <= seq < hi:
                         rows.append((seq, data[pos + fmt.FRAME_HEADER : pos + fmt.FRAME_HEADER + length]))
                     seq += 1
-                yield from reversed(rows) if reverse else rows
+                for row in reversed(rows) if reverse else rows:
+                    yield row
+                    done = row[0]
         finally:
             self._io.close(fd)
+        if not mismatch:
+            return
+        try:
+            fresh = self._scanned_view(seg.number, seg.path)
+        except (OSError, CorruptionError):
+            return
+        self.sidecars_rebuilt += 1
+        self._views_cache[seg.number] = fresh
+        if done is not None:
+            lo, hi = (lo, done) if reverse else (done + 1, hi)
+        yield from self._segment_records(fresh, lo, hi, reverse=reverse)
 
     def _store_id(self) -> str:
         if self._store_id_cache is None:
@@ -1305,7 +1394,10 @@ class AuditStore:
             cursor: ``next_cursor`` of the previous page of the same query.
 
         Returns:
-            A :class:`Page`; ``next_cursor`` is ``None`` after the last match.
+            A :class:`Page`. ``next_cursor`` is ``None`` when the page ended because the
+            matches ran out; a full page always carries one (finding out whether another
+            match exists could mean reading the rest of the store), so the page after it
+            may be empty.
 
         Raises:
             QueryError: a bad argument, or a cursor that is garbled, from another store,
@@ -1341,8 +1433,11 @@ class AuditStore:
             upper = previous.last_seq if previous else end
             if previous is not None and previous.last_seq < oldest:
                 return Page([], None, resumed=True)
-            for seg in reversed(views):
-                if seg.base_index >= upper or seg.count == 0 or flt.misses_time_span(seg.min_ts, seg.max_ts):
+            for view in reversed(views):
+                if view.base_index >= upper or view.count == 0:
+                    continue
+                seg = self._span_overlaps(view, flt)
+                if seg is None:
                     continue
                 for seq, payload in self._segment_records(seg, seg.base_index, upper, reverse=True):
                     rec = self._match(seq, payload, flt)
@@ -1352,10 +1447,14 @@ class AuditStore:
                             return Page(out, Cursor(store_id, True, seq, high, fingerprint).encode(), resumed)
             return Page(out, None, resumed)
         lower = previous.last_seq + 1 if previous else oldest
-        if lower < oldest:
+        if previous is not None and previous.last_seq < oldest:
+            # The cursor's own record is gone: retention removed it (and maybe more).
             lower, resumed = oldest, True
-        for seg in views:
-            if seg.end <= lower or seg.count == 0 or flt.misses_time_span(seg.min_ts, seg.max_ts):
+        for view in views:
+            if view.end <= lower or view.count == 0:
+                continue
+            seg = self._span_overlaps(view, flt)
+            if seg is None:
                 continue
             for seq, payload in self._segment_records(seg, lower, seg.end, reverse=False):
                 rec = self._match(seq, payload, flt)
@@ -1364,6 +1463,18 @@ class AuditStore:
                     if len(out) == limit:
                         return Page(out, Cursor(store_id, False, seq, 0, fingerprint).encode(), resumed)
         return Page(out, None, resumed)
+
+    def _span_overlaps(self, view: _Segment, flt: QueryFilter) -> _Segment | None:
+        """``view`` if its time span may hold a match of ``flt``, else ``None`` (skip it).
+
+        Only a checked span can skip a segment (see :meth:`_checked_span`).
+        """
+        if not flt.misses_time_span(view.min_ts, view.max_ts):
+            return view
+        seg = self._checked_span(view)
+        if seg is None or flt.misses_time_span(seg.min_ts, seg.max_ts):
+            return None
+        return seg
 
     @staticmethod
     def _match(seq: int, payload: bytes, flt: QueryFilter) -> StoredRecord | None:
@@ -1453,6 +1564,37 @@ class AuditStore:
         k = max(by_age, by_size)
         if k == 0:
             return 0
+        # Sidecars are hints, never evidence: before deleting anything, re-read each doomed
+        # segment itself (header, frames, ts) and stop at the first one that is damaged, does
+        # not follow its predecessor, or is not really old enough.
+        confirmed = 0
+        expected = None
+        for seg in sealed[:k]:
+            truth = _Segment(number=seg.number, path=seg.path, base_index=-1)
+            try:
+                self._describe_view(truth, os.path.getsize(seg.path), trust_sidecar=False)
+            except (OSError, CorruptionError):
+                break
+            if expected is not None and truth.base_index != expected:
+                break
+            if confirmed >= by_size and policy.max_age_us is not None:
+                newest = truth.max_ts
+                if newest is not None and newest >= now - policy.max_age_us:
+                    break
+            sealed[confirmed] = truth
+            expected = truth.end
+            confirmed += 1
+        if confirmed == 0:
+            return 0
+        k = confirmed
+        nxt = self._segments[k]
+        try:
+            with open(nxt.path, "rb") as f:
+                next_base = fmt.parse_segment_header(f.read(fmt.SEGMENT_HEADER), nxt.path)
+        except (OSError, CorruptionError):
+            return 0
+        if next_base != sealed[k - 1].end:
+            return 0  # a gap after the doomed prefix: tampering for verify to report, not to bury
         doomed = sealed[:k]
         removed_below = doomed[-1].end
         self._append_system(
@@ -1859,6 +2001,46 @@ def _fields(cp: Checkpoint) -> dict[str, Any]:
         "key_id": cp.key_id,
         "sig": cp.sig,
     }
+
+
+def _sidecar_fits(side: fmt.Sidecar, base: int, size: int) -> bool:
+    """Whether a sidecar is self-consistent and fits its segment's header and size (no reads)."""
+    stride = fmt.INDEX_STRIDE
+    smallest = fmt.FRAME_HEADER + fmt.MIN_PAYLOAD
+    count, index = side.count, side.index
+    if side.base_index != base or side.length != size or count < 0:
+        return False
+    if len(index) != (count + stride - 1) // stride:
+        return False
+    if count == 0:
+        return size == fmt.SEGMENT_HEADER
+    if side.min_ts is None or side.max_ts is None or side.min_ts > side.max_ts:
+        return False
+    previous = None
+    for k, (seq, offset) in enumerate(index):
+        if seq != base + k * stride:
+            return False
+        if previous is None:
+            if offset != fmt.SEGMENT_HEADER:
+                return False
+        elif offset - previous < stride * smallest:
+            return False
+        previous = offset
+    assert previous is not None
+    return size - previous >= (count - (len(index) - 1) * stride) * smallest
+
+
+def _block_fits(data: bytes, scan: fmt.FrameScan, first_seq: int, count: int, length: int) -> bool:
+    """Whether a block read through a sidecar's index is exactly what the index says."""
+    if len(data) != length or scan.stop_reason is not None or scan.end != length or len(scan.frames) != count:
+        return False
+    pos, size = scan.frames[0]
+    try:
+        obj = _loads(data[pos + fmt.FRAME_HEADER : pos + fmt.FRAME_HEADER + size])
+    except orjson.JSONDecodeError:
+        return False
+    seq = obj.get("seq") if type(obj) is dict else None
+    return type(seq) is int and seq == first_seq
 
 
 def _spine_bytes(leaves: int) -> int:

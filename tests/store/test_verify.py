@@ -673,17 +673,18 @@ class TestAnchor:
 # -------------------------------------------------------------------------- proofs
 
 
+@pytest.fixture(scope="module")
+def store50(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A 50-record store spanning segments, kept open for the module."""
+    root = tmp_path_factory.mktemp("proofs") / "s"
+    build(root, 50, limit=1500)
+    store = AuditStore.open_reader(root)
+    yield store
+    store.close()
+
+
 class TestProofs:
     """prove_inclusion / prove_consistency for every seq and size of a 50-record store."""
-
-    @pytest.fixture(scope="class")
-    def store50(self, tmp_path_factory: pytest.TempPathFactory) -> Any:
-        """A 50-record store spanning segments, kept open for the class."""
-        root = tmp_path_factory.mktemp("proofs") / "s"
-        build(root, 50, limit=1500)
-        store = AuditStore.open_reader(root)
-        yield store
-        store.close()
 
     def test_every_inclusion_proof(self, store50: AuditStore) -> None:
         """Every (seq, size) inclusion proof verifies, matches the stored leaf, round-trips via JSON."""
