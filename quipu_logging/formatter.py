@@ -34,6 +34,15 @@ style) contributes its items as fields; its ``"event"`` (structlog's name) or el
 string (``logger.info("%d", "x")``) is kept too: ``message`` is the unformatted string,
 with the arguments under ``args`` and the formatting error under ``message_error``.
 
+A structlog event (a record made by structlog's ``ProcessorFormatter.wrap_for_formatter``
+bridge, or by :class:`~quipu_logging.structlog.AuditProcessor`) is stored the same way
+whichever road it took: its ``level`` name and a ``logger`` equal to the record's are the
+core keys already (not ``level#2``); ``exc_info`` is rendered once, into ``exc``, and a
+traceback structlog's ``format_exc_info`` rendered into ``exception`` (or a stack in
+``stack``) moves to the core key; ``source`` is the application's call site rather than
+structlog's plumbing when the record is formatted during the logging call; and an event
+key beats a record attribute of the same name (added by a filter, say).
+
 Freezing
 ========
 
@@ -67,6 +76,7 @@ import enum
 import inspect
 import json
 import logging
+import os
 import pathlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -75,6 +85,15 @@ from typing import Any, Final
 from pythonjsonlogger.core import BaseJsonFormatter
 from pythonjsonlogger.json import JsonFormatter
 
+from ._frontend import (
+    ExcInfo,
+    bridge_call_site,
+    format_stack,
+    is_bridged,
+    is_structlog_record,
+    resolve_exc_info,
+    structlog_level,
+)
 from .errors import ConfigError
 from .store._encode import Marker, normalise
 
@@ -328,6 +347,51 @@ def _convert(value: Any, convert: Callable[[Any], Any] | None) -> Any:
     return freeze(converted) if converted is not value else value
 
 
+class _StructlogEvent:
+    """What a structlog event dict carries beyond its fields, taken apart once.
+
+    ``fields`` is a shallow copy of the event dict without what the record's core keys
+    already say: structlog's bookkeeping (``_record``, ``_from_structlog``), a
+    ``level`` naming the record's level (``"info"``, ``"exception"``...), a ``logger`` equal to
+    the record's, ``exc_info`` (rendered once, into ``exc``) and ``stack_info``.
+    ``site`` is the application's call site of a bridged record, whose own call site is
+    structlog's plumbing.
+    """
+
+    __slots__ = ("exc_info", "fields", "site", "stack")
+
+    def __init__(self, record: logging.LogRecord) -> None:
+        msg: Any = record.msg
+        fields: dict[str, Any] = dict(msg)
+        fields.pop("_record", None)
+        fields.pop("_from_structlog", None)
+        level = fields.get("level")
+        if isinstance(level, str) and structlog_level(level, {})[1] == record.levelname:
+            del fields["level"]
+        if fields.get("logger") == record.name:
+            del fields["logger"]
+        self.exc_info: ExcInfo | None = None
+        if "exc_info" in fields:
+            raw = fields.pop("exc_info")
+            if not (record.exc_info and record.exc_info[0] is not None):
+                self.exc_info = resolve_exc_info(raw)
+        frame = bridge_call_site(record) if is_bridged(record) else None
+        self.site: dict[str, Any] | None = None
+        if frame is not None:
+            self.site = {
+                "file": os.path.basename(frame.f_code.co_filename),
+                "func": frame.f_code.co_name,
+                "line": frame.f_lineno,
+            }
+        self.stack: str | None = None
+        if fields.get("stack_info") is True and not record.stack_info and frame is not None:
+            del fields["stack_info"]
+            self.stack = format_stack(frame)
+        elif not fields.get("stack_info", True):
+            del fields["stack_info"]
+        self.fields = fields
+
+
 def _free_name(name: str, taken: Mapping[str, Any]) -> str:
     """The first ``name#N`` (N >= 2) not in ``taken``."""
     n = 2
@@ -430,7 +494,11 @@ class AuditJsonFormatter(JsonFormatter):
         cut: dict[str, int] | None = {} if limit is not None else None
         msg = record.msg
         message_dict: dict[str, Any] | None = None
+        event: _StructlogEvent | None = None
         if isinstance(msg, dict) and not record.args:
+            if is_structlog_record(record):
+                event = _StructlogEvent(record)
+                msg = event.fields
             frozen = freeze(msg, self._convert, limit, cut)
             message_dict = frozen if frozen is not msg else dict(msg)
             message = message_dict.pop("event", None)
@@ -457,6 +525,7 @@ class AuditJsonFormatter(JsonFormatter):
             assert cut is not None
             cut["message"] = len(message)
             message = message[:limit]
+        site = event.site if event is not None else None
         out: dict[str, Any] = {
             "level": record.levelname,
             "levelno": record.levelno,
@@ -464,16 +533,33 @@ class AuditJsonFormatter(JsonFormatter):
             "message": message,
             "process": record.process,
             "thread": record.threadName,
-            "source": {"file": record.filename, "func": record.funcName, "line": record.lineno},
+            "source": (
+                {"file": record.filename, "func": record.funcName, "line": record.lineno}
+                if site is None
+                else site
+            ),
             "ts": round(record.created * 1_000_000),
         }
         exc_info = record.exc_info
         if exc_info and exc_info[0] is not None:
             out["exc"] = freeze(self._format_exception(exc_info), None, limit, cut, "exc")
+        elif event is not None and event.exc_info is not None:
+            out["exc"] = freeze(self._format_exception(event.exc_info), None, limit, cut, "exc")
         elif record.exc_text:
             out["exc"] = freeze(record.exc_text, None, limit, cut, "exc")
         if record.stack_info:
             out["stack"] = freeze(self.formatStack(record.stack_info), None, limit, cut, "stack")
+        elif event is not None and event.stack is not None:
+            out["stack"] = freeze(self.formatStack(event.stack), None, limit, cut, "stack")
+        if event is not None and message_dict is not None:
+            # Tracebacks and stacks structlog's own processors rendered (format_exc_info,
+            # StackInfoRenderer) are the record's exc / stack: stored once, where a stdlib
+            # record keeps them.
+            for name, core in (("exception", "exc"), ("stack", "stack")):
+                if core not in out and isinstance(message_dict.get(name), str):
+                    out[core] = message_dict.pop(name)
+                    if cut and name in cut:
+                        cut[core] = cut.pop(name)
         if self._plain and message_dict is None:
             # The common case, inlined: no options, only the record's extras.
             attrs = record.__dict__
@@ -497,7 +583,7 @@ class AuditJsonFormatter(JsonFormatter):
                 else:
                     out[name] = freeze(value, None, limit, cut, str(name))
         elif self._own_fields:
-            self._add_fields(out, record, message_dict, limit, cut)
+            self._add_fields(out, record, message_dict, limit, cut, event_wins=event is not None)
         else:
             fields: dict[str, Any] = {}
             self.add_fields(fields, record, message_dict if message_dict is not None else {})
@@ -537,6 +623,8 @@ class AuditJsonFormatter(JsonFormatter):
         message_dict: dict[str, Any] | None,
         limit: int | None,
         cut: dict[str, int] | None,
+        *,
+        event_wins: bool = False,
     ) -> None:
         rename = self.rename_fields
         convert = self._convert
@@ -562,6 +650,10 @@ class AuditJsonFormatter(JsonFormatter):
         skip = self._skip
         for name in [k for k in attrs if k not in skip]:
             if isinstance(name, str) and name[:1] == "_":
+                continue
+            if event_wins and message_dict and name in message_dict:
+                # A structlog event's own key beats the same name added to the record
+                # (by AuditContextFilter, say), as the event says it explicitly.
                 continue
             value = attrs[name]
             name = rename.get(name, name)
