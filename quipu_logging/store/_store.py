@@ -1102,6 +1102,9 @@ class AuditStore:
     def scan(self, start: int | None = None, *, reverse: bool = False) -> Iterator[StoredRecord]:
         """Iterates over stored records in ``seq`` order.
 
+        Reads block by block through the segments' sparse indexes, so starting near
+        the end (``tail``) does not read whole segments.
+
         Args:
             start: the first ``seq`` to yield (default: the oldest, or with
                 ``reverse`` the newest).
@@ -1112,31 +1115,22 @@ class AuditStore:
         """
         if self._closed:
             raise StoreClosedError(f"store {self.root!r} is closed")
+        views = [v for v in self._segment_views() if v.base_index >= 0]
         if not reverse:
-            for seq, leaf, payload, _seg, _pos in self._iter_records(start or 0):
-                yield _record(seq, leaf, payload)
+            lo = start or 0
+            for seg in views:
+                if seg.end <= lo:
+                    continue
+                for seq, payload in self._segment_records(seg, lo, seg.end, reverse=False):
+                    yield _record(seq, _sha256(_LEAF + payload).digest(), payload)
             return
-        segments = list(self._segments)
-        for seg in reversed(segments):
-            if seg.base_index >= 0 and start is not None and seg.base_index > start:
+        hi = (start + 1) if start is not None else None
+        for seg in reversed(views):
+            if hi is not None and seg.base_index >= hi:
                 continue
-            rows = [row for row in self._iter_records_of(seg) if start is None or row[0] <= start]
-            for seq, leaf, payload in reversed(rows):
-                yield _record(seq, leaf, payload)
-
-    def _iter_records_of(self, seg: _Segment) -> list[tuple[int, bytes, bytes]]:
-        try:
-            data = self._read_file(seg.path)
-            base = fmt.parse_segment_header(data, seg.path)
-        except (OSError, CorruptionError):
-            return []
-        seg.base_index = base
-        scan = fmt.scan_frames(data, find_resync=False)
-        rows = []
-        for k, (pos, length) in enumerate(scan.frames):
-            payload = data[pos + fmt.FRAME_HEADER : pos + fmt.FRAME_HEADER + length]
-            rows.append((base + k, _sha256(_LEAF + payload).digest(), payload))
-        return rows
+            top = seg.end if hi is None else min(hi, seg.end)
+            for seq, payload in self._segment_records(seg, seg.base_index, top, reverse=True):
+                yield _record(seq, _sha256(_LEAF + payload).digest(), payload)
 
     # ------------------------------------------------------------------ queries
 
