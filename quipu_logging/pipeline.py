@@ -635,9 +635,11 @@ class AuditPipeline:
                 return
             n = q.qsize()
             if n:
+                # The segment pwrite of each slice releases the GIL, so producers run
+                # between slices; an extra sleep(0) would only make the writer wait a whole
+                # switch interval to get it back.
                 self._write_batch([q.get_nowait() for _ in range(min(n, batch_max))])
                 self._after_work()
-                time.sleep(0)  # hand the GIL to producers between slices
                 continue
             self._after_work()
             timeout = self._idle_timeout()
