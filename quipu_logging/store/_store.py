@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import pairwise
 from typing import Any
 
 import orjson
@@ -165,6 +166,7 @@ class AuditStore:
         """How many sidecars were missing or disagreed with their segment and were rebuilt."""
         self._views_cache: dict[int, _Segment] = {}
         self._store_id_cache: str | None = None
+        self._spine_damage: CorruptionError | None = None  # a reader's unreadable spine header
 
     # ------------------------------------------------------------------ opening
 
@@ -309,7 +311,7 @@ class AuditStore:
         # seg N. Segment numbers are consecutive: probe small holes by name (a segment
         # really deleted stays missing, and verify reports it).
         holes: list[tuple[int, str]] = []
-        for (a, _), (b, _) in zip(found, found[1:]):
+        for (a, _), (b, _) in pairwise(found):
             if b - a <= _HOLE_PROBE:
                 for n in range(a + 1, b):
                     path = os.path.join(self._log_dir, fmt.segment_name(n))
@@ -837,7 +839,7 @@ class AuditStore:
         try:
             self._io.pwrite(self._active_fd, data, start)
             self._spine.append_many(leaves)
-            self._spine.flush()
+            self._spine.flush()  # readers see the new leaves (tree_size, proofs) at once
         except OSError:
             # Never leave a half-written frame where later good ones would follow it.
             try:
@@ -1058,10 +1060,22 @@ class AuditStore:
             raise StoreClosedError(f"store {self.root!r} is closed")
         lines = self._load_checkpoints(writable=False)
         spine_path = os.path.join(self.root, "merkle.spine")
-        if self._spine is None:
-            self._spine = Spine.open(spine_path, self._io, writable=False)
-        else:
-            self._spine.refresh()
+        try:
+            if self._spine is None or self._spine_damage is not None:
+                spine = Spine.open(spine_path, self._io, writable=False)
+                if self._spine is not None:
+                    self._spine.close()
+                self._spine = spine
+            else:
+                self._spine.refresh()
+            self._spine_damage = None
+        except CorruptionError as e:
+            # A reader never fails on content: with the spine's header damaged it reads the
+            # segments against an empty tree, and verify() reports the damage.
+            if self._spine is not None:
+                self._spine.close()
+            self._spine = Spine(spine_path, self._io, None, writable=False)
+            self._spine_damage = e
         self._segments = self._list_segments() if os.path.isdir(self._log_dir) else []
         return lines
 
@@ -1711,6 +1725,8 @@ class AuditStore:
         bad = spine.check(tree)
         if bad is not None:
             problems.append(Problem(spine_path, bad[0], None, bad[1]))
+        if self._spine_damage is not None:
+            problems.append(Problem(spine_path, self._spine_damage.offset, None, self._spine_damage.reason))
         if self._writable:
             lines = self._reload_lines()
         last_cp_size = self._last_checkpoint.tree_size if self._last_checkpoint else 0
@@ -1719,11 +1735,14 @@ class AuditStore:
         pending = 0
         segments = self._list_segments()
         orphans = 0  # records beyond the spine that are not a live writer's pending ones
+        unpublished: list[tuple[str, int, int]] = []  # (file, offset, seq) of frames beyond the spine
         first_base, first_path = 0, self._log_dir
         retention_floor = 0  # removed_below of the newest retention record
+        pruned = False  # the segment before was removed by retention while this verify ran
+        first_read = True
         for number, seg in enumerate(segments):
             is_last = number == len(segments) - 1
-            if number and seg.number != segments[number - 1].number + 1:
+            if number and not pruned and seg.number != segments[number - 1].number + 1:
                 # Segment numbers are consecutive (retention only removes a prefix): name the hole.
                 first, last = segments[number - 1].number + 1, seg.number - 1
                 which = fmt.segment_name(first) + ("" if first == last else f"..{fmt.segment_name(last)}")
@@ -1737,10 +1756,24 @@ class AuditStore:
                 )
             try:
                 data = self._read_file(seg.path)
+            except FileNotFoundError as e:
+                if not is_last and not any(os.path.exists(s.path) for s in segments[:number]):
+                    # Gone since the listing, and so is every segment before it: retention removed
+                    # a prefix (after writing its record and checkpoint) while this verify ran.
+                    # The retention floor check below still applies to what is left.
+                    pruned = True
+                    expected = None
+                    continue
+                problems.append(Problem(seg.path, None, None, f"unreadable segment: {e}"))
+                expected = None
+                first_read = pruned = False
+                continue
             except OSError as e:
                 problems.append(Problem(seg.path, None, None, f"unreadable segment: {e}"))
                 expected = None
+                first_read = pruned = False
                 continue
+            is_first, first_read, pruned = first_read, False, False
             if is_last and len(data) < fmt.SEGMENT_HEADER and (expected is None or expected >= tree):
                 continue  # a torn header right after rollover: nothing was stored in it
             try:
@@ -1749,7 +1782,7 @@ class AuditStore:
                 problems.append(Problem(seg.path, e.offset, None, e.reason))
                 expected = None
                 continue
-            if number == 0:
+            if is_first:
                 first_base, first_path = base, seg.path
             elif expected is not None and base != expected:
                 if base > expected:
@@ -1776,19 +1809,7 @@ class AuditStore:
                                 "record does not match its Merkle leaf: it was modified after being written",
                             )
                         )
-            for k in range(published, len(frames)):
-                if live and base + k >= last_cp_size:
-                    pending += 1
-                else:
-                    orphans += 1
-                    problems.append(
-                        Problem(
-                            seg.path,
-                            frames[k][0],
-                            base + k,
-                            "record has no leaf in the Merkle spine (spine truncated?)",
-                        )
-                    )
+            unpublished.extend((seg.path, frames[k][0], base + k) for k in range(published, len(frames)))
             seq = base
             for k, payload in enumerate(payloads):
                 try:
@@ -1818,6 +1839,16 @@ class AuditStore:
                 if scan.resync_offset is not None or not is_last or seq < tree:
                     problems.append(Problem(seg.path, scan.end, seq, scan.stop_reason))
             expected = seq
+        # A writer that opened after the snapshot may have appended since: its frames are in flight too.
+        live = live or is_locked(self.root)
+        for path, offset, seq in unpublished:
+            if live and seq >= last_cp_size:
+                pending += 1
+            else:
+                orphans += 1
+                problems.append(
+                    Problem(path, offset, seq, "record has no leaf in the Merkle spine (spine truncated?)")
+                )
         if first_base > retention_floor:
             allowed = f"; retention removed only seq < {retention_floor}" if retention_floor else ""
             problems.append(
