@@ -255,9 +255,9 @@ class AuditStore:
             what = "a file" if os.path.exists(self.root) else "no such directory"
             raise NotAStoreError(f"{self.root!r} is not a store: {what}")
         if not os.path.exists(path):
-            self._refuse_foreign_directory()
             if not create:
                 raise NotAStoreError(f"{self.root!r} is not an audit store (no FORMAT file)")
+            self._refuse_foreign_directory()
             tmp = path + ".tmp"
             fd = self._io.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             try:
@@ -1738,6 +1738,7 @@ class AuditStore:
         unpublished: list[tuple[str, int, int]] = []  # (file, offset, seq) of frames beyond the spine
         first_base, first_path = 0, self._log_dir
         retention_floor = 0  # removed_below of the newest retention record
+        unreadable_from: tuple[str, int] | None = None  # damage that ends the last segment early
         pruned = False  # the segment before was removed by retention while this verify ran
         first_read = True
         for number, seg in enumerate(segments):
@@ -1838,6 +1839,7 @@ class AuditStore:
                 # artefact that the next writer open cuts away; anything else is damage.
                 if scan.resync_offset is not None or not is_last or seq < tree:
                     problems.append(Problem(seg.path, scan.end, seq, scan.stop_reason))
+                    unreadable_from = (seg.path, scan.end) if is_last else None
             expected = seq
         # A writer that opened after the snapshot may have appended since: its frames are in flight too.
         live = live or is_locked(self.root)
@@ -1860,7 +1862,17 @@ class AuditStore:
                     f"{first_base}{allowed} (segments deleted by hand)",
                 )
             )
-        if expected is not None and expected < tree:
+        if expected is not None and expected < tree and unreadable_from is not None:
+            problems.append(
+                Problem(
+                    unreadable_from[0],
+                    unreadable_from[1],
+                    expected,
+                    f"records {expected}..{tree - 1} of the Merkle spine cannot be read: the segment is "
+                    f"damaged at offset {unreadable_from[1]} (see the problem above)",
+                )
+            )
+        elif expected is not None and expected < tree:
             problems.append(
                 Problem(
                     spine_path,
