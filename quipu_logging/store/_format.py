@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,12 +267,6 @@ def _find_valid_frame(buf: bytes | memoryview, start: int) -> int | None:
             return p
         q = data.find(b'{"', q + 1)
     return None
-
-
-def iter_payloads(buf: bytes | memoryview, frames: list[tuple[int, int]]) -> Iterator[bytes]:
-    """Yields the payload bytes of each scanned frame."""
-    for pos, length in frames:
-        yield bytes(buf[pos + FRAME_HEADER : pos + FRAME_HEADER + length])
 
 
 @dataclass(frozen=True, slots=True)

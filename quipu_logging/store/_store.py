@@ -15,6 +15,7 @@ checkpoints file; the parent directory after every create, rename and unlink.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import os
 import re
@@ -616,7 +617,7 @@ class AuditStore:
             key_id=self._signer.key_id,
             sig="",
         )
-        cp = Checkpoint(**{**_fields(unsigned), "sig": self._signer.sign(unsigned.message())})
+        cp = dataclasses.replace(unsigned, sig=self._signer.sign(unsigned.message()))
         line = (cp.to_json() + "\n").encode()
         try:
             self._io.pwrite(self._checkpoints_fd, line, self._checkpoints_len)
@@ -2026,18 +2027,6 @@ class AuditStore:
                     "history was rewritten",
                 )
             )
-
-
-def _fields(cp: Checkpoint) -> dict[str, Any]:
-    return {
-        "tree_size": cp.tree_size,
-        "root": cp.root,
-        "created_at": cp.created_at,
-        "segment_seq": cp.segment_seq,
-        "prev": cp.prev,
-        "key_id": cp.key_id,
-        "sig": cp.sig,
-    }
 
 
 def _sidecar_fits(side: fmt.Sidecar, base: int, size: int) -> bool:
