@@ -58,6 +58,7 @@ from ._spine import Spine, stored_hash_count
 
 __all__ = ["AuditStore"]
 
+_SEQ_VALUE = re.compile(rb"-?\d+(?=[,}])")
 _SEG_RE = re.compile(r"^seg-(\d{10})\.log$")
 _HOLE_PROBE = 1024  # the largest gap in a segment listing that is re-checked by name
 _LEAF = merkle.LEAF_PREFIX
@@ -1814,11 +1815,21 @@ class AuditStore:
             unpublished.extend((seg.path, frames[k][0], base + k) for k in range(published, len(frames)))
             seq = base
             for k, payload in enumerate(payloads):
-                try:
-                    obj = _loads(payload)
-                    got = obj.get("seq") if type(obj) is dict else None
-                except orjson.JSONDecodeError:
-                    obj, got = None, "unparseable"
+                start = frames[k][0] + hdr
+                end = start + frames[k][1]
+                # Fast path: the store always writes one top-level "seq"; when the text '"seq":'
+                # occurs exactly once (it cannot occur inside a JSON string, where quotes are
+                # escaped) and no '"$sys"' key is present, that occurrence is the record's seq.
+                obj = None
+                if data.count(b'"seq":', start, end) == 1 and data.find(b'"$sys"', start, end) == -1:
+                    m = _SEQ_VALUE.match(data, data.find(b'"seq":', start, end) + 6, end)
+                    got: Any = int(m.group()) if m is not None else "unparseable"
+                else:
+                    try:
+                        obj = _loads(payload)
+                        got = obj.get("seq") if type(obj) is dict else None
+                    except orjson.JSONDecodeError:
+                        obj, got = None, "unparseable"
                 if type(got) is not int or got != seq:
                     problems.append(
                         Problem(

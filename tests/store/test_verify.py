@@ -297,6 +297,29 @@ class TestRecordTampering:
         rebuild_spine(root)
         assert_reported(reverify(root), seg, offset=p1, seq=1)
 
+    @pytest.mark.parametrize(
+        "forge",
+        [
+            pytest.param(lambda p: {**p, "seq": 2, "ctx": {"seq": 1}}, id="nested-seq-holds-the-right-value"),
+            pytest.param(lambda p: {**p, "seq": 1.0}, id="float-seq"),
+            pytest.param(lambda p: {**p, "seq": "1"}, id="string-seq"),
+            pytest.param(lambda p: {**p, "seq": -1}, id="negative-seq"),
+        ],
+    )
+    def test_seq_fast_path_cannot_be_fooled(self, tmp_path: Path, forge: Any) -> None:
+        """The textual seq check falls back to parsing whenever it could be misled."""
+        root = tmp_path / "store"
+        build(root, 3)
+        [seg] = segments(root)
+        data = seg.read_bytes()
+        _, (p1, n1), (p2, _) = frames(data)[1]
+        body = orjson.dumps(
+            forge(orjson.loads(data[p1 + FRAME.size : p1 + FRAME.size + n1])), option=orjson.OPT_SORT_KEYS
+        )
+        seg.write_bytes(data[:p1] + FRAME.pack(len(body), zlib.crc32(body)) + body + data[p2:])
+        rebuild_spine(root)
+        assert_reported(reverify(root), seg, offset=p1, seq=1)
+
 
 # ------------------------------------------------------------------- missing files
 
