@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any, TextIO
 
-from ._types import ConsistencyProof, InclusionProof, StoredRecord
+from ._types import ConsistencyProof, InclusionProof, Problem, StoredRecord
 from .errors import (
     ConfigError,
     CorruptionError,
@@ -36,6 +36,7 @@ from .errors import (
     StoreLockedError,
 )
 from .store import AuditStore, RetentionPolicy, StoreConfig, merkle
+from .store._checkpoint import Checkpoint
 from .store._config import parse_duration_us
 from .store._lock import is_locked, read_holder_pid
 
@@ -78,8 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="quipu-log",
         description="Verify, read, prove and maintain quipu_logging audit stores.",
-        epilog="exit codes: 0 ok, 1 content problem (tampering, corruption, failed proof), "
+        epilog="examples:\n"
+        "  quipu-log verify /var/lib/app/audit\n"
+        "  quipu-log query /var/lib/app/audit --since 2h --where actor=alice\n"
+        "  quipu-log tail -f /var/lib/app/audit\n\n"
+        "exit codes: 0 ok, 1 content problem (tampering, corruption, failed proof), "
         "2 usage error / not a store / store is live",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--verbose", action="store_true", help="show a traceback on errors")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -249,6 +255,26 @@ def _when(ts: int) -> str:
         return str(ts)
 
 
+_UNPRINTABLE = re.compile(
+    # C0 and C1 controls, DEL, and the invisible format characters that reorder or hide text
+    # (bidi overrides and isolates, zero-width characters, the BOM, line/paragraph separators).
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]"
+)
+_TABLE_MESSAGE_WIDTH = 100  # longer messages are cut in the table (--json prints them whole)
+
+
+def _printable(text: str) -> str:
+    """``text`` safe to show on a terminal: logged text must not be able to move the cursor,
+    erase or recolour rows, set the window title or fake a line break (it is escaped instead)."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(lambda m: json.dumps(m.group())[1:-1], text)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _print_table(records: Sequence[StoredRecord], out: TextIO) -> None:
     rows = []
     for rec in records:
@@ -262,10 +288,12 @@ def _print_table(records: Sequence[StoredRecord], out: TextIO) -> None:
             [
                 str(rec.seq),
                 _when(rec.ts),
-                str(p.get("level", "")),
-                str(p.get("logger", "")),
-                str(p.get("message", "")),
-                " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(extras.items())),
+                _printable(str(p.get("level", ""))),
+                _printable(str(p.get("logger", ""))),
+                _cut(_printable(str(p.get("message", ""))), _TABLE_MESSAGE_WIDTH),
+                _printable(
+                    " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in sorted(extras.items()))
+                ),
             ]
         )
     headers = ["SEQ", "TIME (UTC)", "LEVEL", "LOGGER", "MESSAGE", "FIELDS"]
@@ -276,6 +304,22 @@ def _print_table(records: Sequence[StoredRecord], out: TextIO) -> None:
     )
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)) + "  " + row[-1], file=out)
+
+
+def _warn_unreadable(store: AuditStore, root: str, info: dict[str, Any] | None = None) -> None:
+    """One stderr line when records the tree holds could not be read (reads skip damage).
+
+    Not for a live store, where the spine may run ahead of a reader's snapshot of the segments.
+    """
+    if is_locked(root):
+        return
+    missing = (info or store.stats())["unreadable"]
+    if missing:
+        print(
+            f"quipu-log: warning: {missing:,} record(s) of the Merkle tree could not be read and are "
+            f"not shown; run 'quipu-log verify {root}'",
+            file=sys.stderr,
+        )
 
 
 def _want_json(args: argparse.Namespace) -> bool:
@@ -311,6 +355,14 @@ def _verify(args: argparse.Namespace) -> int:
                 anchor = f.read()
         except OSError as e:
             raise UsageError(f"--anchor: cannot read {args.anchor!r}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UsageError(
+                f"--anchor: {args.anchor!r} is not a text file holding a checkpoint line"
+            ) from None
+        try:
+            Checkpoint.from_json(anchor)  # a file that holds no checkpoint is a usage error, not tampering
+        except ValueError as e:
+            raise UsageError(f"--anchor: {args.anchor!r} does not hold a checkpoint line: {e}") from None
     bar = _ProgressBar() if sys.stderr.isatty() and not args.json else None
     with _open_reader(args.root) as store:
         report = store.verify(
@@ -318,6 +370,7 @@ def _verify(args: argparse.Namespace) -> int:
         )
     if bar is not None:
         bar.finish()
+    args.outcome = EXIT_OK if report.ok else EXIT_PROBLEM  # kept even if stdout goes away while printing
     if args.json:
         print(
             _json_line(
@@ -343,14 +396,23 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         first = report.problems[0]
         print(
-            f"TAMPERED OR DAMAGED: {len(report.problems)} problem(s); first: file {first.file}, "
-            f"offset {first.offset}, seq {first.seq}: {first.reason}"
+            f"TAMPERED OR DAMAGED: {len(report.problems)} problem(s); first: {_place(first)}: {first.reason}"
         )
         for problem in report.problems[1:20]:
             print(f"  {problem}")
         if len(report.problems) > 20:
             print(f"  ... and {len(report.problems) - 20} more (use --json for all)")
-    return EXIT_OK if report.ok else EXIT_PROBLEM
+    return int(args.outcome)
+
+
+def _place(problem: Problem) -> str:
+    """Where a problem is, in words: the file, and the offset and seq when they are known."""
+    where = f"file {problem.file}"
+    if problem.offset is not None:
+        where += f", offset {problem.offset}"
+    if problem.seq is not None:
+        where += f", seq {problem.seq}"
+    return where
 
 
 class _ProgressBar:
@@ -390,6 +452,7 @@ def _query(args: argparse.Namespace) -> int:
             limit=args.limit,
             cursor=args.cursor,
         )
+        _warn_unreadable(store, args.root)
     if _want_json(args):
         for rec in page.records:
             print(_record_json(rec))
@@ -410,6 +473,7 @@ def _tail(args: argparse.Namespace) -> int:
         last: list[StoredRecord] = []
         if args.n:
             last = store.query(limit=args.n).records[::-1]
+        _warn_unreadable(store, args.root)
         _emit(last, as_json)
         if not args.follow:
             return EXIT_OK
@@ -477,7 +541,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _prove(args: argparse.Namespace) -> int:
     if args.check:
-        return _check_proof(args.check, args.trusted_root)
+        return _check_proof(args, args.check, args.trusted_root)
     if not args.root:
         raise UsageError("prove: give ROOT and SEQ, ROOT --consistency OLD [NEW], or --check FILE")
     with _open_reader(args.root) as store:
@@ -501,18 +565,19 @@ def _prove(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_proof(path: str, trusted_root: str | None) -> int:
+def _check_proof(args: argparse.Namespace, path: str, trusted_root: str | None) -> int:
+    # A file that is not a proof at all is a usage error (exit 2), like an unreadable one; a
+    # proof that parses but does not verify is a failed proof (exit 1).
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
     except OSError as e:
         raise UsageError(f"--check: cannot read {path!r}: {e.strerror}") from None
-    except ValueError:
-        print(f"FAILED: {path} is not a JSON proof")
-        return EXIT_PROBLEM
-    if not isinstance(obj, dict):  # from_json() given a parsed list would raise AttributeError
-        print(f"FAILED: {path} is not a JSON proof (not an object)")
-        return EXIT_PROBLEM
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError too
+        raise UsageError(f"--check: {path!r} is not a proof file (not JSON)") from None
+    if not isinstance(obj, dict) or obj.get("type", "inclusion") not in ("inclusion", "consistency"):
+        raise UsageError(f"--check: {path!r} is not a proof file (not a proof object)")
+    args.outcome = EXIT_PROBLEM  # until the proof is shown to hold
     trusted = None
     if trusted_root is not None:
         try:
@@ -548,6 +613,7 @@ def _check_proof(path: str, trusted_root: str | None) -> int:
         print(f"FAILED: the proof does not verify ({what} is NOT shown)")
         return EXIT_PROBLEM
     note = "" if trusted is not None else " (compare the root with one you trust, or pass --root)"
+    args.outcome = EXIT_OK
     print(f"ok: {what}; root {root.hex()}{note}")
     return EXIT_OK
 
@@ -587,6 +653,7 @@ def _retention(args: argparse.Namespace) -> int:
 def _stats(args: argparse.Namespace) -> int:
     with _open_reader(args.root) as store:
         info = store.stats()
+        _warn_unreadable(store, args.root, info)
     dlq_dir = os.path.join(args.root, "dlq")
     dlq_files = [n for n in os.listdir(dlq_dir)] if os.path.isdir(dlq_dir) else []
     info["dlq_files"] = len(dlq_files)
@@ -597,7 +664,11 @@ def _stats(args: argparse.Namespace) -> int:
         return EXIT_OK
     span = info["first_ts"], info["last_ts"]
     lines = [
-        ("records", f"{info['records']:,} stored, tree size {info['tree_size']:,}"),
+        (
+            "records",
+            f"{info['records']:,} stored, tree size {info['tree_size']:,}"
+            + (f", {info['unreadable']:,} unreadable (run quipu-log verify)" if info["unreadable"] else ""),
+        ),
         ("segments", f"{info['segments']} ({info['bytes']:,} bytes)"),
         ("time span", f"{_when(span[0])} .. {_when(span[1])}" if span[0] is not None else "(empty)"),
         ("root", info["root"]),
@@ -631,8 +702,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_USAGE
     try:
         return _COMMANDS[args.command](args)
-    except BrokenPipeError:  # pragma: no cover - `quipu-log query ... | head`
-        return EXIT_OK
+    except BrokenPipeError:  # `quipu-log query ... | head`: the reader of stdout has gone
+        # Point stdout at /dev/null so the interpreter's last flush does not fail again, and
+        # keep the outcome already decided (verify of a damaged store stays 1 under `| head`).
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+        return int(getattr(args, "outcome", EXIT_OK))
     except CorruptionError as e:
         return _fail(args, e, EXIT_PROBLEM)
     except (

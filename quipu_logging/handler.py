@@ -72,6 +72,7 @@ _HANDLER_OPTIONS: Final = (
     "flush_timeout",
     "max_field_chars",
     "shards",
+    "signing_key",
     "level",
 )
 _DEFAULT_QUEUE_SIZE: Final = 4096
@@ -175,7 +176,7 @@ class _StderrJsonHandler(logging.Handler):
 class _Shared:
     """One pipeline shared by every live handler of one store root in this process."""
 
-    def __init__(self, root: str, key: tuple[str, int]) -> None:
+    def __init__(self, root: str, key: tuple[str, int, str | None]) -> None:
         self.root = root
         self.key = key
         self.pipeline: AuditPipeline | None = None
@@ -251,6 +252,10 @@ class AuditHandler(logging.Handler):
         max_field_chars: longer string (and bytes) fields are cut to this length and listed
             under ``"$truncated"``; ``None`` keeps them whole.
         shards: reserved for multi-process servers; must be ``None`` in this release.
+        signing_key: path of a PEM Ed25519 private key (``pip install
+            'quipu_logging[crypto]'``) that signs every checkpoint the store writes (on seal,
+            after retention, on close); ``None`` writes unsigned checkpoints. An unreadable
+            key is a ``ConfigError`` here, at configuration time.
         level: the handler's level.
         **formatter_options: :class:`~quipu_logging.AuditJsonFormatter` keywords for the
             records' shape (``static_fields``, ``rename_fields``, ...). A formatter set
@@ -275,11 +280,21 @@ class AuditHandler(logging.Handler):
         flush_timeout: float = 10.0,
         max_field_chars: int | None = 65536,
         shards: Any = None,
+        signing_key: str | os.PathLike[str] | None = None,
         level: int | str = logging.NOTSET,
         **formatter_options: Any,
     ) -> None:
         check_formatter_options(formatter_options, _HANDLER_OPTIONS, what="AuditHandler")
         _check_args(root, pipeline, queue_size, sync, role, flush_timeout, max_field_chars, shards)
+        if signing_key is not None:
+            if pipeline is not None:
+                raise ConfigError(
+                    "AuditHandler: signing_key belongs to the pipeline you passed; set it in its StoreConfig"
+                )
+            if not isinstance(signing_key, (str, os.PathLike)) or not os.fspath(signing_key):
+                raise ConfigError(
+                    f"AuditHandler: signing_key must be the path of a PEM file, got {signing_key!r}"
+                )
         _check_fallback(fallback)
         audit_formatter = AuditJsonFormatter(**formatter_options)
         super().__init__(level)
@@ -288,6 +303,7 @@ class AuditHandler(logging.Handler):
         self.max_field_chars = max_field_chars
         self.queue_size = queue_size
         self.sync = str(SyncPolicy.parse(sync))
+        self.signing_key = None if signing_key is None else os.path.realpath(os.fspath(signing_key))
         self.formatter = audit_formatter
         self._mapper = audit_formatter
         self._fallback_spec = _config_name(fallback) if isinstance(fallback, Mapping) else fallback
@@ -334,7 +350,7 @@ class AuditHandler(logging.Handler):
     # ------------------------------------------------------------------ pipeline sharing
 
     def _attach(self, root: str) -> None:
-        key = (self.sync, self.queue_size)
+        key = (self.sync, self.queue_size, self.signing_key)
         with _registry_lock:
             shared = _registry.get(root)
             if shared is not None and not any(ref() is not None for ref in shared.handlers):
@@ -348,15 +364,16 @@ class AuditHandler(logging.Handler):
             if shared is not None and shared.key != key:
                 raise ConfigError(
                     f"AuditHandler: another live handler writes {root!r} with sync={shared.key[0]!r}, "
-                    f"queue_size={shared.key[1]}; this one asks for sync={key[0]!r}, "
-                    f"queue_size={key[1]}. Handlers sharing a store root share one pipeline: give "
-                    "them the same options, or close the other handler first"
+                    f"queue_size={shared.key[1]}, signing_key={shared.key[2]!r}; this one asks for "
+                    f"sync={key[0]!r}, queue_size={key[1]}, signing_key={key[2]!r}. Handlers sharing a "
+                    "store root share one pipeline: give them the same options, or close the other "
+                    "handler first"
                 )
             if shared is None:
                 shared = _Shared(root, key)
                 try:
                     shared.pipeline = AuditPipeline.start(
-                        StoreConfig(root=root, sync=self.sync),
+                        StoreConfig(root=root, sync=self.sync, signing_key=self.signing_key),
                         config=PipelineConfig(queue_size=self.queue_size),
                         on_lost=shared.on_lost,
                     )
@@ -809,6 +826,9 @@ def _check_args(
         )
     if root is not None and not isinstance(root, (str, os.PathLike)):
         raise ConfigError(f"AuditHandler: root must be a directory path, got {root!r}")
+    if root is not None and not os.fspath(root).strip():
+        # "" would silently mean the current directory (an unset environment variable, say).
+        raise ConfigError("AuditHandler: root is empty: give the directory of the audit store")
     if pipeline is not None:
         if not isinstance(pipeline, AuditPipeline):
             raise ConfigError(f"AuditHandler: pipeline must be an AuditPipeline, got {pipeline!r}")

@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -296,7 +296,8 @@ class AuditLog:
         """The audited records (no ``$sys`` records), oldest first, after a flush.
 
         Args:
-            **where: only records whose top-level fields equal these values.
+            **where: only records whose top-level fields equal these values (type-exact, as
+                in ``query(where=...)``: ``1`` does not match ``True``).
 
         Returns:
             The stored payloads (``seq``, ``ts``, ``message``, ``actor``, ...).
@@ -304,9 +305,7 @@ class AuditLog:
         self.flush()
         with AuditStore.open_reader(self.root) as reader:
             payloads = [rec.payload for rec in reader.scan()]
-        return [
-            p for p in payloads if "$sys" not in p and all(k in p and p[k] == v for k, v in where.items())
-        ]
+        return [p for p in payloads if "$sys" not in p and _matches(p, where)]
 
     def assert_audited(self, **where: Any) -> dict[str, Any]:
         """Asserts that a record with these field values was audited; returns the newest one.
@@ -320,7 +319,7 @@ class AuditLog:
         if not where:
             raise TypeError("assert_audited needs at least one field=value")
         everything = self.records()
-        matches = [p for p in everything if all(k in p and p[k] == v for k, v in where.items())]
+        matches = [p for p in everything if _matches(p, where)]
         if matches:
             return matches[-1]
         wanted = ", ".join(f"{k}={v!r}" for k, v in where.items())
@@ -354,6 +353,28 @@ class AuditLog:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {str(self.root)!r}>"
+
+
+def _matches(payload: Mapping[str, Any], where: Mapping[str, Any]) -> bool:
+    return all(k in payload and _same(payload[k], v) for k, v in where.items())
+
+
+def _same(stored: Any, expected: Any) -> bool:
+    """Type-exact equality, like ``AuditStore.query(where=...)``: ``1`` is not ``True`` nor ``1.0``.
+
+    Containers compare item by item (a tuple stands for the list JSON stores).
+    """
+    if isinstance(expected, tuple):
+        expected = list(expected)
+    if type(stored) is not type(expected):
+        return False
+    if isinstance(stored, dict):
+        return stored.keys() == expected.keys() and all(_same(stored[k], expected[k]) for k in stored)
+    if isinstance(stored, list):
+        return len(stored) == len(expected) and all(
+            _same(a, b) for a, b in zip(stored, expected, strict=True)
+        )
+    return bool(stored == expected)
 
 
 if _HAVE_PYTEST:

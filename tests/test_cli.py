@@ -399,6 +399,14 @@ class TestConsoleEntry:
 # --------------------------------------------------------------------------- verify
 
 
+def tmp_clean(damaged: Path) -> Path:
+    """An intact store beside ``damaged`` (for the exit-0 side of a comparison)."""
+    root = damaged.parent / (damaged.name + "-clean")
+    if not root.exists():
+        build(root)
+    return root
+
+
 def tamper_payload(root: Path) -> None:
     flip_payload_byte(root, 5)
 
@@ -549,6 +557,49 @@ class TestVerify:
         code, out, err = run(capsys, "verify", store, "--anchor", tmp_path / "lost.json")
         assert (code, out) == (2, "")
         assert_one_line_error(err, "lost.json")
+
+    @pytest.mark.parametrize("content", [b"root:x:0:0:root:/root:/bin/bash\n", b"[1, 2]\n", b"\xff\xfe\x00"])
+    def test_anchor_file_that_is_not_a_checkpoint(
+        self, capsys: pytest.CaptureFixture[str], store: Path, tmp_path: Path, content: bytes
+    ) -> None:
+        """An --anchor file holding no checkpoint line is a usage error (exit 2), never "TAMPERED"."""
+        wrong = tmp_path / "wrong.json"
+        wrong.write_bytes(content)
+        code, out, err = run(capsys, "verify", store, "--anchor", wrong)
+        assert (code, out) == (2, "")
+        assert_one_line_error(err, "wrong.json", "checkpoint")
+
+    def test_exit_code_survives_a_closed_pipe(self, store: Path) -> None:
+        """`verify ... | head` of a damaged store still exits 1 (the outcome, not the pipe's fate).
+
+        The reading end of stdout is closed before the process starts, so its first write
+        fails with EPIPE (BrokenPipeError) every time.
+        """
+        flip_payload_byte(store, 3)
+        for args in (["verify", store, "--json"], ["verify", store], ["verify", tmp_clean(store)]):
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "quipu_logging", *map(str, args)],
+                    stdout=write_end,
+                    stderr=subprocess.PIPE,
+                    env=env(),
+                    timeout=120,
+                    check=False,
+                )
+            finally:
+                os.close(write_end)
+            expected = 0 if args[1] != store else 1
+            assert proc.returncode == expected, (args, proc.stderr)
+            assert b"Traceback" not in proc.stderr and b"Exception ignored" not in proc.stderr
+
+    def test_problem_places_never_say_none(self, capsys: pytest.CaptureFixture[str], store: Path) -> None:
+        """The first problem's place names only what is known (no "offset None, seq None")."""
+        tamper_checkpoint_line(store)
+        code, out, _ = run(capsys, "verify", store)
+        assert code == 1
+        assert "None" not in out.splitlines()[0], out
 
     def test_works_on_a_live_store(self, capsys: pytest.CaptureFixture[str], live: tuple[Path, int]) -> None:
         """verify takes no lock: it runs while another process writes."""
@@ -893,6 +944,45 @@ class TestTail:
         assert [r.split()[0] for r in rows] == [str(N - 2), str(N - 1)]
         assert seqs(run(capsys, "tail", store, "-n", "2", "--json")[1]) == [N - 2, N - 1]
 
+    def test_table_escapes_control_characters(
+        self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    ) -> None:
+        """Logged text cannot forge table rows: escapes, line breaks, bidi overrides are shown escaped."""
+        root = tmp_path / "hostile"
+        forged = "x\x1b[1A\x1b[2K\r0    2026-12-04 07:55:00.579Z  INFO  app  login ok for admin"
+        with AuditStore.open(root) as st:
+            st.append({"message": forged, "level": "WARNING\x1b]0;pwned\x07", "logger": "app\nfake"})
+            st.append({"message": "line1\nline2 \u202egnp.exe", "note": "\x1b[31mred"})
+            st.append({"message": "m" * 500})
+        tty(monkeypatch, "stdout")
+        out = run(capsys, "tail", root, "-n", "3")[1]
+        lines = out.splitlines()
+        assert len(lines) == 4, out  # the header and exactly one line per record
+        assert not any(c in out.replace("\n", "") for c in "\x1b\r\x07\u202e"), out
+        assert "\\u001b[1A" in lines[1] and "\\n" in lines[2] and "\\u202e" in lines[2]
+        assert len(lines[3]) < 250 and lines[3].rstrip().endswith("…")  # long messages are cut
+
+    def test_damaged_store_warns(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+        """Reads skip damage, but say so: one stderr warning naming verify; stats counts the
+        unreadable records and the segment bytes on disk."""
+        root = tmp_path / "store"
+        build(root, limit="64MiB")
+        [seg] = segment_files(root)
+        size = seg.stat().st_size
+        data = bytearray(seg.read_bytes())
+        data[size // 2] ^= 0x01
+        seg.write_bytes(bytes(data))
+        for command in (["tail", root, "-n", "1"], ["query", root, "--limit", "3"], ["stats", root]):
+            code, _, err = run(capsys, *command)
+            assert code == 0
+            assert "could not be read" in err and "quipu-log verify" in err, (command, err)
+        info = json.loads(run(capsys, "stats", root, "--json")[1])
+        assert info["unreadable"] > 0 and info["records"] + info["unreadable"] == N
+        assert info["bytes"] == size
+        intact = tmp_path / "intact"
+        build(intact)
+        assert run(capsys, "tail", intact, "-n", "1")[2] == ""
+
     def test_empty_store(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
         """A store without records: nothing printed, exit 0."""
         root = tmp_path / "empty-store"
@@ -1142,13 +1232,18 @@ class TestProve:
         assert out.startswith(f"ok: seq 3 is in the tree of {size} records")
 
     def test_check_not_a_proof(self, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-        """A file that is not a proof fails the check: exit 1."""
-        for text in ("not json", "[1, 2]", '{"type": "inclusion"}'):
-            bad = tmp_path / "bad.json"
+        """A file that is no proof at all (not JSON, not an object, another type) is a usage
+        error, exit 2; a proof object with missing or bad fields fails the check, exit 1."""
+        bad = tmp_path / "bad.json"
+        for text in ("not json", "[1, 2]", '{"type": "passwd"}'):
             bad.write_text(text)
-            code, out, _ = run(capsys, "prove", "--check", bad)
-            assert code == 1, text
-            assert out.startswith("FAILED")
+            code, out, err = run(capsys, "prove", "--check", bad)
+            assert (code, out) == (2, ""), text
+            assert_one_line_error(err, "bad.json", "not a proof file")
+        bad.write_text('{"type": "inclusion"}')
+        code, out, _ = run(capsys, "prove", "--check", bad)
+        assert code == 1
+        assert out.startswith("FAILED")
 
     def test_check_usage_errors(
         self, capsys: pytest.CaptureFixture[str], store: Path, tmp_path: Path

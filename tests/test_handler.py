@@ -32,6 +32,7 @@ from quipu_logging import (
     AuditStore,
     ConfigError,
     PermissionPolicy,
+    StoreConfig,
 )
 from quipu_logging.context import audit_context
 from quipu_logging.testing import paused
@@ -154,6 +155,57 @@ class TestConstruction:
         with pytest.raises(ConfigError):
             AuditHandler(root, **kwargs)
         assert not root.exists()
+
+    @pytest.mark.parametrize("empty", ["", "   "])
+    def test_empty_root_is_refused(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty: str) -> None:
+        """An empty root (an unset environment variable) never silently means the current directory."""
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(ConfigError, match="root is empty"):
+            AuditHandler(empty)
+        with pytest.raises(ConfigError, match="root is empty"):
+            StoreConfig(root=empty)
+        assert list(tmp_path.iterdir()) == []
+
+    def test_unreadable_signing_key_is_a_config_error(self, root: Path, tmp_path: Path) -> None:
+        """signing_key is loaded at construction: a missing or non-key file fails there."""
+        with pytest.raises(ConfigError, match=r"missing\.pem"):
+            AuditHandler(root, signing_key=tmp_path / "missing.pem")
+        not_a_key = tmp_path / "key.pem"
+        not_a_key.write_text("hello\n")
+        with pytest.raises(ConfigError, match=r"key\.pem"):
+            AuditHandler(root, signing_key=not_a_key)
+
+    def test_signing_key_signs_the_checkpoints(
+        self, root: Path, tmp_path: Path, logger: logging.Logger, make_handler: Callable[..., AuditHandler]
+    ) -> None:
+        """With signing_key, every checkpoint the handler's store writes verifies with the public key."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        key = ed25519.Ed25519PrivateKey.generate()
+        pem = tmp_path / "audit.pem"
+        pem.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        handler = make_handler(signing_key=pem)
+        logger.warning("signed")
+        handler.close()
+        lines = (root / "checkpoints.jsonl").read_text().splitlines()
+        assert lines and all(json.loads(line)["key_id"] != "sha256" for line in lines)
+        with AuditStore.open_reader(root) as reader:
+            assert reader.verify(public_keys=[public]).ok
+        other = (
+            ed25519.Ed25519PrivateKey.generate()
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        )
+        with AuditStore.open_reader(root) as reader:
+            assert not reader.verify(public_keys=[other]).ok
 
     def test_pipeline_options_belong_to_the_pipeline(self, root: Path) -> None:
         """With ``pipeline=``, queue_size and sync cannot be given to the handler."""
@@ -727,6 +779,8 @@ class TestSharing:
         make_handler(sync="os")
         with pytest.raises(ConfigError, match="same options"):
             AuditHandler(root, sync="always")
+        with pytest.raises(ConfigError, match="signing_key"):
+            AuditHandler(root, sync="os", signing_key="/elsewhere/key.pem")
 
     def test_handlers_dropped_without_close(
         self, root: Path, make_handler: Callable[..., AuditHandler]

@@ -156,6 +156,20 @@ class TestAuditLog:
         log.info("second", extra={"actor": "alice"})
         assert audit.assert_audited(actor="alice")["message"] == "second"
 
+    def test_matching_is_type_exact_like_query(self, audit: AuditLog) -> None:
+        """``1`` is not ``True`` nor ``1.0`` (as in ``query(where=...)``), at any depth."""
+        log = logging.getLogger("app.t2b")
+        log.info("x", extra={"approved": 1, "ctx": {"n": [1, True]}})
+        with pytest.raises(AssertionError):
+            audit.assert_audited(approved=True)
+        with pytest.raises(AssertionError):
+            audit.assert_audited(approved=1.0)
+        with pytest.raises(AssertionError):
+            audit.assert_audited(ctx={"n": [True, True]})
+        assert audit.assert_audited(approved=1, ctx={"n": (1, True)})["message"] == "x"
+        assert audit.records(approved=True) == []
+        audit.assert_not_audited(approved=True)
+
     def test_assert_audited_when_nothing_was_logged(self, audit: AuditLog) -> None:
         """With an empty trail the failure says nothing was audited at all."""
         with pytest.raises(AssertionError, match="nothing was audited at all"):

@@ -250,6 +250,9 @@ class StoreConfig:
         if not isinstance(self.root, (str, os.PathLike)):
             raise ConfigError(f"store root: expected a path, got {self.root!r}")
         object.__setattr__(self, "root", os.fspath(self.root))
+        if not str(self.root).strip():
+            # "" would silently mean the current directory (an unset environment variable, say).
+            raise ConfigError("store root is empty: give the directory of the audit store")
         object.__setattr__(self, "sync", SyncPolicy.parse(self.sync))
         size = parse_size(self.max_segment_bytes, "max_segment_bytes")
         if size < 64:

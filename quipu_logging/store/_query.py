@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -25,6 +26,16 @@ from ..errors import QueryError
 __all__ = ["Cursor", "QueryFilter", "to_us"]
 
 _EXACT_TYPES = (str, int, float, bool, type(None))
+
+
+def _readable(given: datetime | int | None, us: int) -> str:
+    """A time for an error message: ISO 8601 (UTC) with the microseconds it was given as."""
+    if isinstance(given, datetime):
+        return given.isoformat()
+    try:
+        return f"{datetime.fromtimestamp(us / 1e6, timezone.utc).isoformat()}, {us} µs"
+    except (OverflowError, OSError, ValueError):
+        return f"{us} µs"
 
 
 def to_us(value: datetime | int | None, name: str) -> int | None:
@@ -92,10 +103,21 @@ class QueryFilter:
                         f"where[{key!r}]: cannot match a {type(value).__name__}; "
                         "use a str, int, float, bool or None"
                     )
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise QueryError(
+                        f"where[{key!r}]: {value!r} is stored as the string {str(value)!r} (JSON has no "
+                        f"{value!r}), so it can never match; use the string"
+                    )
+                if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                    raise QueryError(
+                        f"where[{key!r}]: integers outside ±2**63 are stored as strings; use the string"
+                    )
                 pairs.append((_stored_key(key), value))
         lo, hi = to_us(since, "since"), to_us(until, "until")
         if lo is not None and hi is not None and lo > hi:
-            raise QueryError(f"since ({since}) is after until ({until}): the range is empty")
+            raise QueryError(
+                f"since ({_readable(since, lo)}) is after until ({_readable(until, hi)}): the range is empty"
+            )
         if min_levelno is not None and (not isinstance(min_levelno, int) or isinstance(min_levelno, bool)):
             raise QueryError(f"min_levelno: expected an int, got {min_levelno!r}")
         if logger_prefix is not None and not isinstance(logger_prefix, str):

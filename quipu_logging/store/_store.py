@@ -161,6 +161,9 @@ class AuditStore:
         self.fsyncs = 0
         """How many ``fsync`` calls the store has made (files and directories)."""
         self.repairs: list[str] = []
+        # (first seq, count, where their hashes went) of records recovery found missing from the
+        # segments although the spine had hashed them; written to the trail as a gap record.
+        self._recovery_lost: list[tuple[int, int, str]] = []
         """What ``open(repair=True)`` or crash recovery did, one sentence each."""
         self.segments_opened = 0
         """How many segment files queries have read (a time filter skips the others)."""
@@ -300,10 +303,30 @@ class AuditStore:
             self._recover_active(repair, floor)
         self._reconcile_spine(floor, repair)
         self._next_seq = self._segments[-1].end
+        for first, count, where in self._recovery_lost:
+            # Nothing recovery drops goes unrecorded: the trail itself says which seqs were lost.
+            self._append_system(
+                "gap",
+                {
+                    "count": count,
+                    "reason": "recovery",
+                    "first_seq": first,
+                    "last_seq": first + count - 1,
+                    "detail": (
+                        f"the Merkle spine held hashes of {count} record(s) from seq {first} that the "
+                        "segments no longer hold (lost to a power failure, or removed); those seqs are "
+                        f"reused from here on; the hashes were moved to {where}"
+                    ),
+                },
+            )
 
     def _list_segments(self) -> list[_Segment]:
         found: list[tuple[int, str]] = []
-        for name in os.listdir(self._log_dir):
+        try:
+            names = os.listdir(self._log_dir)
+        except FileNotFoundError:
+            names = []  # log/ itself deleted: no segments (verify reports the spine's records missing)
+        for name in names:
             m = _SEG_RE.match(name)
             if m:
                 found.append((int(m.group(1)), os.path.join(self._log_dir, name)))
@@ -428,6 +451,15 @@ class AuditStore:
                 if not repair:
                     raise CorruptionError(active.path, scan.end, reason, seq=active.end)
                 self._quarantine(active, data, cut_to, reason)
+            elif self._spine_size() > active.end:
+                # The spine hashed a record here, so its frame was once whole: a power failure
+                # tore it, or a hand changed it. Keep the bytes (the spine's trim records the gap).
+                self._quarantine(
+                    active,
+                    data,
+                    cut_to,
+                    f"{scan.stop_reason}, in a record the Merkle spine had already hashed",
+                )
             else:
                 self.repairs.append(
                     f"cut torn tail of {active.path} at offset {cut_to} ({scan.stop_reason}); "
@@ -523,21 +555,71 @@ class AuditStore:
                     f"to {target}: those records are missing below the last checkpoint ({floor})"
                 )
             else:
+                # A process crash never leaves the spine ahead of the segments (frames are written
+                # before their hashes); a power failure or a hand can. Keep the evidence, say so.
+                cut = _spine_bytes(end)
+                target = self._save_to_quarantine(spine_path, self._read_file(spine_path), cut)
                 self.repairs.append(
-                    f"trimmed the Merkle spine from {spine.size} to {end} records (torn tail)"
+                    f"trimmed the Merkle spine from {spine.size} to {end} records: the segments lack "
+                    f"records the spine had hashed; their hashes were moved to {target}"
                 )
+                self._recovery_lost.append((end, spine.size - end, target))
             spine.truncate(end)
         recomputed = self._leaves_between(lo, end)
         stored = spine.leaves(lo, spine.size)
         mismatch = next((i for i, (a, b) in enumerate(zip(stored, recomputed, strict=False)) if a != b), None)
         if mismatch is not None:
-            self.repairs.append(f"rewrote Merkle spine leaves from seq {lo + mismatch} (crash window)")
-            spine.truncate(lo + mismatch)
+            at = lo + mismatch
+            if at < last.base_index or self._leaf_looks_whole(at):
+                # The spine's hash of this record is intact, so the record changed after it was
+                # hashed: that is tampering (or damage), never a torn write. Sealed segments are
+                # never rewritten either.
+                self._refuse_changed_record(at, repair)
+            else:
+                self.repairs.append(f"rewrote torn Merkle spine leaves from seq {at} (crash window)")
+            spine.truncate(at)
+            end = last.end  # a repair may have moved the changed records to quarantine/
+            recomputed = recomputed[: end - lo]
         if spine.size < end:
             added = end - spine.size
             spine.append_many(recomputed[spine.size - lo :])
             self.repairs.append(f"added {added} missing Merkle spine leaves from the segments")
         self._sync_spine()
+
+    def _leaf_looks_whole(self, i: int) -> bool:
+        """Whether spine leaf ``i`` is the hash the writer stored, not a torn write.
+
+        A torn spine write leaves zeros where the file was extended: a leaf whose
+        sibling is stored is whole when its parent's stored hash agrees with both
+        children; a leaf without one (the last of an odd tree) is whole unless it
+        ends in a zero byte (a torn write always does).
+        """
+        spine = self._spine
+        assert spine is not None
+        leaf = spine.leaf(i)
+        sibling = i ^ 1
+        if sibling < spine.size:
+            left, right = (leaf, spine.leaf(sibling)) if i < sibling else (spine.leaf(sibling), leaf)
+            return merkle.node_hash(left, right) == spine._stored(1, i >> 1)
+        return leaf[-1] != 0
+
+    def _refuse_changed_record(self, seq: int, repair: bool) -> None:
+        """Handles a record in the crash window whose bytes no longer match an intact spine leaf."""
+        where = next((r for r in self._iter_records(seq, seq + 1)), None)
+        seg = where[3] if where is not None else self._segments[-1]
+        offset = where[4] if where is not None else None
+        reason = (
+            f"record seq {seq} does not match its Merkle leaf, and the spine around that leaf is "
+            "intact: the record was changed after it was written (a torn write cannot do this)"
+        )
+        if not repair or seg is not self._segments[-1] or offset is None:
+            if repair:
+                reason += "; it lies in a sealed segment, which is never rewritten"
+            raise CorruptionError(seg.path, offset, reason, seq=seq)
+        data = self._read_file(seg.path)
+        self._quarantine(seg, data, offset, reason)
+        self._fill_from_scan(seg, data[:offset], fmt.scan_frames(data[:offset], find_resync=False))
+        self._recovery_lost.append((seq, self._spine_size() - seq, "quarantine/ (with the changed records)"))
 
     def _leaves_between(self, start: int, end: int) -> list[bytes]:
         """Leaf hashes of records [start, end), read from the segments."""
@@ -1515,12 +1597,17 @@ class AuditStore:
         firsts = [v.min_ts for v in views if v.min_ts is not None]
         lasts = [v.max_ts for v in views if v.max_ts is not None]
         spine = self._require_spine()
+        records = sum(v.count for v in views)
+        first_seq = views[0].base_index if views else 0
         return {
             "root_dir": self.root,
-            "records": sum(v.count for v in views),
-            "first_seq": views[0].base_index if views else 0,
+            "records": records,
+            "first_seq": first_seq,
+            # Records the tree holds that no segment gave back whole (damage, or deleted files);
+            # beside a live writer a snapshot can see the spine ahead of the segments too.
+            "unreadable": max(0, spine.size - (first_seq + records)) if records or spine.size else 0,
             "segments": len(views),
-            "bytes": sum(v.length for v in views),
+            "bytes": sum(_file_size(v.path, v.length) for v in views),
             "first_ts": min(firsts) if firsts else None,
             "last_ts": max(lasts) if lasts else None,
             "tree_size": spine.size,
@@ -2078,6 +2165,14 @@ def _block_fits(data: bytes, scan: fmt.FrameScan, first_seq: int, count: int, le
         return False
     seq = obj.get("seq") if type(obj) is dict else None
     return type(seq) is int and seq == first_seq
+
+
+def _file_size(path: str, default: int) -> int:
+    """The size of a file on disk (damaged bytes included), or ``default`` if it is gone."""
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return default
 
 
 def _spine_bytes(leaves: int) -> int:

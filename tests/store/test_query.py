@@ -385,9 +385,25 @@ class TestOtherFilters:
         with pytest.raises(QueryError, match=name):
             store.query(**kw)
 
-    @pytest.mark.parametrize("value", [[1], {"a": 1}, object(), b"bytes", {1, 2}, (1,), 1 + 2j])
+    @pytest.mark.parametrize(
+        "value",
+        [
+            [1],
+            {"a": 1},
+            object(),
+            b"bytes",
+            {1, 2},
+            (1,),
+            1 + 2j,
+            float("nan"),
+            float("inf"),
+            2**63,
+            -(2**63) - 1,
+        ],
+    )
     def test_unmatchable_where_value(self, store: AuditStore, value: Any) -> None:
-        """A ``where`` value that no stored field can equal (list, dict, object...) is a QueryError."""
+        """A ``where`` value that no stored field can equal is a QueryError: a list, dict, object...,
+        and NaN, ±inf and huge ints, which the store keeps as strings."""
         with pytest.raises(QueryError, match=r"where\['actor'\]"):
             store.query(where={"actor": value})
 

@@ -19,7 +19,14 @@ Decisions these tests pin down (the design leaves them to the implementation):
 * A bad frame followed by a valid one is refused with the bad frame's offset;
   ``repair=True`` moves every byte from that frame on to ``quarantine/``. The
   records so lost are reported by ``verify()`` only when a checkpoint covered
-  them; records after the last checkpoint leave no trace but the quarantine file.
+  them; records after the last checkpoint are named by a ``$sys`` gap record
+  (``reason: "recovery"``) and their bytes and hashes are in the quarantine files.
+* The spine may be completed, trimmed or have torn leaves rewritten after the last
+  checkpoint, but a whole leaf is never rewritten to fit a changed record
+  (``CorruptionError``; ``repair=True`` quarantines from that record on), and no
+  leaf of a sealed segment is ever rewritten. Whenever the spine had hashed records
+  the segments no longer hold, their hashes go to ``quarantine/`` and a gap record
+  names their seqs: nothing recovery drops is silent.
 """
 
 from __future__ import annotations
@@ -184,24 +191,41 @@ def last_checkpoint_size(root: Path) -> int:
     return orjson.loads(lines[-1])["tree_size"] if lines else 0
 
 
-def check_reopened(config: StoreConfig, expected: list[bytes], *, repair: bool = False) -> AuditStore:
-    """Opens the store and checks it holds ``expected``, verifies, and numbers a new append after it."""
+def check_reopened(
+    config: StoreConfig, expected: list[bytes], *, repair: bool = False, lost: int = 0
+) -> AuditStore:
+    """Opens the store and checks it holds ``expected``, verifies, and numbers a new append after it.
+
+    ``lost``: records the spine had hashed but the segments no longer hold; recovery then
+    follows ``expected`` with one ``$sys`` gap record saying which seqs were lost.
+    """
     store = AuditStore.open(config, repair=repair)
-    assert raws_of(store) == expected
-    assert store.tree_size == len(expected)
+    raws = raws_of(store)
+    if lost:
+        gap = orjson.loads(raws.pop())
+        assert gap["$sys"] == "gap" and gap["reason"] == "recovery", gap
+        assert (gap["first_seq"], gap["count"], gap["seq"]) == (len(expected), lost, len(expected))
+        assert "quarantine" in gap["detail"]
+    assert raws == expected
+    assert store.tree_size == len(expected) + (1 if lost else 0)
     report = store.verify()
     assert report.ok, report.problems
-    assert store.append({"after": "recovery"}).seq == len(expected)
+    assert store.append({"after": "recovery"}).seq == store.tree_size - 1
     return store
 
 
 def check_truncated(
-    config: StoreConfig, seg: Path, cut: int, expected: list[bytes], floor: int, base: int
+    config: StoreConfig, seg: Path, cut: int, expected: list[bytes], floor: int, base: int, hashed: int
 ) -> None:
-    """The checks of one cut of segment ``seg`` (first seq ``base``): recovery, or refusal and repair."""
+    """The checks of one cut of segment ``seg`` (first seq ``base``): recovery, or refusal and repair.
+
+    ``hashed``: how many records the spine held before the cut (the rest are reported lost).
+    """
     root = Path(config.root)
     if len(expected) >= floor:
-        store = check_reopened(config, expected)
+        store = check_reopened(config, expected, lost=hashed - len(expected))
+        if hashed > len(expected):
+            assert any(p.name.startswith("merkle.spine.") for p in quarantined(root)), "hashes kept"
         if cut < SEG_HEADER.size:
             assert any("recreated torn segment header" in r for r in store.repairs)
         assert parse_segment(seg.read_bytes())[0] == base, "the segment keeps (or is recreated at) its base"
@@ -255,7 +279,7 @@ class TestTruncationAtEveryOffset:
             truncate(seg, cut)
             keep = surviving(frames, cut) if cut >= SEG_HEADER.size else 0
             try:
-                check_truncated(config, seg, cut, raws[:keep], floor, 0)
+                check_truncated(config, seg, cut, raws[:keep], floor, 0, len(raws))
             except AssertionError as e:
                 raise AssertionError(f"cut at offset {cut} (keeps {keep} records): {e}") from e
             refused += keep < floor
@@ -301,7 +325,7 @@ class TestTruncationOfRandomStores:
         keep = base + (surviving(frames, cut) if cut >= SEG_HEADER.size else 0)
         floor = last_checkpoint_size(root)
         hypothesis_event("below the checkpoint" if keep < floor else "in the crash window")
-        check_truncated(config, last, cut, raws[:keep], floor, base)
+        check_truncated(config, last, cut, raws[:keep], floor, base, len(raws))
 
 
 # ---------------------------------------------------------------- mid-segment damage
@@ -337,17 +361,34 @@ class TestBadFrameFollowedByValid:
         assert seg.read_bytes() == before
 
     def test_repair_after_last_checkpoint(self, tmp_path: Path) -> None:
-        """repair=True quarantines from the bad frame on; lost unpublished records leave verify ok."""
-        raws, config, seg, offset, original = self._damaged(tmp_path, 4, checkpoint_after=2)
+        """repair=True quarantines from the bad frame on, with the spine's hashes of the lost records.
+
+        The records lost after the last checkpoint leave verify ok (no checkpoint covered
+        them), and a ``$sys`` gap record in the trail says which seqs they were.
+        """
+        raws, config, _seg, offset, original = self._damaged(tmp_path, 4, checkpoint_after=2)
         store = AuditStore.open(config, repair=True)
-        [moved] = quarantined(Path(config.root))
+        hashes, moved = quarantined(Path(config.root))  # sorted by name
+        assert moved.name.startswith("seg-") and hashes.name.startswith("merkle.spine.")
         damaged_tail = bytearray(original[offset:])
         damaged_tail[FRAME.size + parse_segment(original)[1][4][1] // 2] ^= 0x20
         assert moved.read_bytes() == bytes(damaged_tail)
+        assert len(hashes.read_bytes()) == HASH * (stored_hash_count(10) - stored_hash_count(4))
         assert any(str(moved) in r and f"offset {offset}" in r for r in store.repairs)
-        assert raws_of(store) == raws[:4]
-        assert seg.stat().st_size == offset
-        assert store.append({"after": "repair"}).seq == 4
+        *kept, gap = raws_of(store)
+        assert kept == raws[:4]
+        assert orjson.loads(gap) | {"ts": 0} == {
+            "$sys": "gap",
+            "reason": "recovery",
+            "count": 6,
+            "first_seq": 4,
+            "last_seq": 9,
+            "seq": 4,
+            "ts": 0,
+            "detail": orjson.loads(gap)["detail"],
+        }
+        assert str(hashes) in orjson.loads(gap)["detail"]
+        assert store.append({"after": "repair"}).seq == 5
         report = store.verify()
         assert report.ok, report.problems  # the checkpoint (2 records) still holds
         store.close()
@@ -403,17 +444,33 @@ class TestTornTailVersusDamage:
             AuditStore.open(config)
         assert err.value.offset == start
         store = AuditStore.open(config, repair=True)
-        assert [r.seq for r in store.scan()] == [0, 1]
+        # Records 0 and 1 survive; a gap record (seq 2) says which hashed records were lost.
+        kept = list(store.scan())
+        assert [r.seq for r in kept] == [0, 1, 2]
+        assert kept[2].payload["$sys"] == "gap" and kept[2].payload["first_seq"] == 2
         store.close()
 
     def test_bad_last_frame_is_a_torn_tail(self, tmp_path: Path) -> None:
-        """A CRC failure in the last frame with nothing after it is a torn tail: cut, no quarantine."""
+        """A CRC failure in the last frame with nothing after it is cut as a torn tail.
+
+        The spine had hashed that record, so its frame was once whole (a power failure or
+        a hand damaged it): its bytes and hash go to quarantine/ and a gap record says so.
+        """
         raws, config, seg = self._store(tmp_path)
         data = bytearray(seg.read_bytes())
         pos, length = parse_segment(bytes(data))[1][-1]
         data[pos + FRAME.size + length - 2] ^= 0x01
         seg.write_bytes(bytes(data))
-        store = check_reopened(config, raws[:-1])
+        store = check_reopened(config, raws[:-1], lost=1)
+        assert [p.name.split(".")[0] for p in quarantined(Path(config.root))] == ["merkle", "seg-0000000000"]
+        store.close()
+
+    def test_unhashed_torn_frame_is_dropped(self, tmp_path: Path) -> None:
+        """A partial frame the spine never hashed (a write cut short) is dropped: nothing to keep."""
+        raws, config, seg = self._store(tmp_path)
+        with open(seg, "ab") as f:
+            f.write(FRAME.pack(50, 0) + b'{"half":')
+        store = check_reopened(config, raws)
         assert any("cut torn tail" in r for r in store.repairs)
         assert quarantined(Path(config.root)) == []
         store.close()
@@ -483,14 +540,20 @@ class TestSpineRecovery:
         check_reopened(config, raws).close()
         assert spine_leaves(spine.parent) == 14
 
-    @pytest.mark.parametrize("garbage", [b"\xff" * 7, b"\x17" * 32, hashlib.sha512(b"g").digest() * 5])
-    def test_garbage_appended(self, tmp_path: Path, garbage: bytes) -> None:
-        """Garbage after the last leaf set (torn, or parsing as extra leaves) is cut away."""
+    @pytest.mark.parametrize(
+        ("garbage", "extra_leaves"),
+        [(b"\xff" * 7, 0), (b"\x17" * 32, 0), (hashlib.sha512(b"g").digest() * 5, 4)],
+    )
+    def test_garbage_appended(self, tmp_path: Path, garbage: bytes, extra_leaves: int) -> None:
+        """Garbage after the last leaf set is cut away; when it parses as whole extra leaves
+        (10 more hashes complete 4 more leaf sets), those are kept in quarantine/ and the
+        trail gets a gap record for them, as for any hashed record the segments lack."""
         raws, config, spine = self._store(tmp_path)
         with open(spine, "ab") as f:
             f.write(garbage)
-        check_reopened(config, raws).close()
-        assert spine.stat().st_size == SPINE_HEADER + HASH * stored_hash_count(14)
+        check_reopened(config, raws, lost=extra_leaves).close()
+        total = 13 + (1 if extra_leaves else 0) + 1  # records, the gap record, the append after
+        assert spine.stat().st_size == SPINE_HEADER + HASH * stored_hash_count(total)
 
     def test_garbage_leaf_in_window(self, tmp_path: Path) -> None:
         """A wrong leaf hash after the checkpoint is rewritten from the segment."""
@@ -500,7 +563,7 @@ class TestSpineRecovery:
         data[at] ^= 1
         spine.write_bytes(bytes(data))
         store = check_reopened(config, raws)
-        assert any("rewrote Merkle spine leaves from seq 10" in r for r in store.repairs)
+        assert any("rewrote torn Merkle spine leaves from seq 10" in r for r in store.repairs)
         store.close()
 
     @pytest.mark.parametrize("keep", [0, 3, 5 - 1])
@@ -691,7 +754,7 @@ class TestRollover:
         assert len(segs) >= 2
         sealed = sum(len(parse_segment(s.read_bytes())[1]) for s in segs[:-1])
         truncate(segs[-1], cut)
-        store = check_reopened(config, raws[:sealed])
+        store = check_reopened(config, raws[:sealed], lost=len(raws) - sealed)
         assert any("recreated torn segment header" in r for r in store.repairs)
         store.close()
         assert [s.name for s in segments(root)] == [s.name for s in segs]
@@ -704,7 +767,7 @@ class TestRollover:
         segs = segments(root)
         sealed = sum(len(parse_segment(s.read_bytes())[1]) for s in segs[:-1])
         segs[-1].unlink()
-        store = check_reopened(config, raws[:sealed])
+        store = check_reopened(config, raws[:sealed], lost=len(raws) - sealed)
         store.close()
         assert [s.name for s in segments(root)] == [s.name for s in segs]
         assert parse_segment(segs[-1].read_bytes())[0] == sealed
@@ -781,12 +844,12 @@ class TestRepeatedRecovery:
         raws, config = build_crashed(root, [25] * 9, checkpoint_after=4)
         [seg] = segments(root)
         truncate(seg, seg.stat().st_size - 3)
-        first = check_reopened(config, raws[:8])
+        first = check_reopened(config, raws[:8], lost=1)
         assert first.repairs
         crash(first)
         second = AuditStore.open(config)
         assert second.repairs == []
-        assert [r.seq for r in second.scan()] == list(range(9))
+        assert [r.seq for r in second.scan()] == list(range(10))  # 8 kept, the gap record, one more
         second.close()
 
 
@@ -799,3 +862,103 @@ class TestHelpers:
         raws, _config = build_crashed(root, [5, 50, 500, 0], max_segment_bytes=400)
         payloads = [s.read_bytes()[p + 8 : p + 8 + n] for s, _b, p, n, _l in frames_of_store(root)]
         assert payloads == raws
+
+
+# --------------------------------------------------- changed records are never laundered
+
+
+def rewrite_frame(seg: Path, k: int, old: bytes, new: bytes) -> int:
+    """Replaces ``old`` by ``new`` in frame ``k`` of ``seg`` and fixes its length and CRC, as a
+    forger would; returns the frame's offset."""
+    data = seg.read_bytes()
+    pos, length = parse_segment(data)[1][k]
+    body = data[pos + FRAME.size : pos + FRAME.size + length]
+    assert old in body
+    body = body.replace(old, new)
+    seg.write_bytes(
+        data[:pos] + FRAME.pack(len(body), zlib.crc32(body)) + body + data[pos + FRAME.size + length :]
+    )
+    return pos
+
+
+class TestChangedRecordInCrashWindow:
+    """A whole, CRC-clean record that no longer matches an intact spine leaf was changed by hand.
+
+    Recovery may complete or trim the spine after the last checkpoint (a crash or power
+    failure can leave it short or torn), but it must never rewrite an intact leaf to fit a
+    changed record: that would make ``verify`` pass on a forgery after a plain restart.
+    """
+
+    @pytest.mark.parametrize("k", [6, 7, 9])  # 7 and 9: right children; 9: the last, paired leaf
+    def test_open_refuses(self, tmp_path: Path, k: int) -> None:
+        """Open raises CorruptionError naming the segment, the frame's offset and the seq."""
+        root = tmp_path / "store"
+        _raws, config = build_crashed(root, [20] * 10, checkpoint_after=5)
+        [seg] = segments(root)
+        offset = rewrite_frame(seg, k, f'"i":{k}'.encode(), b'"i":99')
+        before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file() and p.name != "LOCK"}
+        report = AuditStore.open_reader(root).verify()
+        assert not report.ok and report.problems[0].seq == k
+        with pytest.raises(CorruptionError) as info:
+            AuditStore.open(config)
+        assert (info.value.file, info.value.offset, info.value.seq) == (str(seg), offset, k)
+        assert "changed after it was written" in info.value.reason
+        after = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file() and p.name != "LOCK"}
+        assert after == before, "a refused open changes nothing"
+        assert not AuditStore.open_reader(root).verify().ok
+
+    def test_last_unpaired_leaf(self, tmp_path: Path) -> None:
+        """The last leaf of an odd tree has no stored parent; its intact hash still refuses."""
+        root = tmp_path / "store"
+        _raws, config = build_crashed(root, [20] * 11, checkpoint_after=5)
+        [seg] = segments(root)
+        rewrite_frame(seg, 10, b'"i":10', b'"i":77')
+        with pytest.raises(CorruptionError) as info:
+            AuditStore.open(config)
+        assert info.value.seq == 10
+
+    def test_repair_quarantines_and_records_the_gap(self, tmp_path: Path) -> None:
+        """repair=True moves the changed record and those after it aside and says so in the trail."""
+        root = tmp_path / "store"
+        raws, config = build_crashed(root, [20] * 10, checkpoint_after=5)
+        [seg] = segments(root)
+        rewrite_frame(seg, 7, b'"i":7', b'"i":70')
+        store = AuditStore.open(config, repair=True)
+        *kept, gap = store.scan()
+        assert [r.raw for r in kept] == raws[:7]
+        assert (gap.payload["$sys"], gap.payload["first_seq"], gap.payload["count"]) == ("gap", 7, 3)
+        [moved] = [p for p in quarantined(root) if p.name.startswith("seg-")]
+        assert b'"i":70' in moved.read_bytes()
+        assert store.verify().ok
+        store.close()
+
+    def test_checkpoints_removed_do_not_widen_the_window(self, tmp_path: Path) -> None:
+        """With checkpoints.jsonl deleted, a record changed in a sealed segment is still refused.
+
+        Sealed segments are never rewritten, whatever the checkpoints say, so deleting them
+        cannot turn the whole store into a crash window to launder a forgery.
+        """
+        root = tmp_path / "store"
+        config = StoreConfig(root=root, max_segment_bytes=400, sync="os")
+        store = AuditStore.open(config)
+        for i in range(20):
+            store.append(event(i, 20))
+        store.close()
+        (root / "checkpoints.jsonl").unlink()
+        first = segments(root)[0]
+        rewrite_frame(first, 1, b'"i":1', b'"i":8')
+        for repair in (False, True):
+            with pytest.raises(CorruptionError) as info:
+                AuditStore.open(config, repair=repair)
+            assert info.value.file == str(first) and info.value.seq == 1
+
+    def test_cli_checkpoint_refuses_to_sign_over_a_forgery(self, tmp_path: Path) -> None:
+        """The routine `quipu-log checkpoint` opens the writer: it must fail, not sign the forgery."""
+        from quipu_logging.cli import main
+
+        root = tmp_path / "store"
+        build_crashed(root, [20] * 10, checkpoint_after=5)
+        [seg] = segments(root)
+        rewrite_frame(seg, 6, b'"i":6', b'"i":60')
+        assert main(["checkpoint", str(root)]) == 1
+        assert main(["verify", str(root)]) == 1

@@ -364,6 +364,18 @@ class TestMissingData:
         report = reverify(root)
         assert_reported(report, root / "log")
 
+    def test_log_directory_deleted(self, tmp_path: Path, base_store: tuple[Path, list[bytes]]) -> None:
+        """The whole log/ directory removed is tampering (exit 1 in the CLI), not an unreadable path."""
+        import shutil
+
+        from quipu_logging.cli import main
+
+        root = copy_store(base_store[0], tmp_path)
+        shutil.rmtree(root / "log")
+        report = reverify(root)
+        assert "deleted" in assert_reported(report, root / "log").reason
+        assert main(["verify", str(root)]) == 1
+
     def test_segment_cut_short(self, tmp_path: Path, base_store: tuple[Path, list[bytes]]) -> None:
         """A sealed segment cut at a frame boundary is reported at the next segment."""
         root = copy_store(base_store[0], tmp_path)
