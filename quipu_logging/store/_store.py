@@ -161,9 +161,6 @@ class AuditStore:
         self.fsyncs = 0
         """How many ``fsync`` calls the store has made (files and directories)."""
         self.repairs: list[str] = []
-        # (first seq, count, where their hashes went) of records recovery found missing from the
-        # segments although the spine had hashed them; written to the trail as a gap record.
-        self._recovery_lost: list[tuple[int, int, str]] = []
         """What ``open(repair=True)`` or crash recovery did, one sentence each."""
         self.segments_opened = 0
         """How many segment files queries have read (a time filter skips the others)."""
@@ -303,22 +300,6 @@ class AuditStore:
             self._recover_active(repair, floor)
         self._reconcile_spine(floor, repair)
         self._next_seq = self._segments[-1].end
-        for first, count, where in self._recovery_lost:
-            # Nothing recovery drops goes unrecorded: the trail itself says which seqs were lost.
-            self._append_system(
-                "gap",
-                {
-                    "count": count,
-                    "reason": "recovery",
-                    "first_seq": first,
-                    "last_seq": first + count - 1,
-                    "detail": (
-                        f"the Merkle spine held hashes of {count} record(s) from seq {first} that the "
-                        "segments no longer hold (lost to a power failure, or removed); those seqs are "
-                        f"reused from here on; the hashes were moved to {where}"
-                    ),
-                },
-            )
 
     def _list_segments(self) -> list[_Segment]:
         found: list[tuple[int, str]] = []
@@ -560,10 +541,9 @@ class AuditStore:
                 cut = _spine_bytes(end)
                 target = self._save_to_quarantine(spine_path, self._read_file(spine_path), cut)
                 self.repairs.append(
-                    f"trimmed the Merkle spine from {spine.size} to {end} records: the segments lack "
-                    f"records the spine had hashed; their hashes were moved to {target}"
+                    f"trimmed the Merkle spine from {spine.size} to {end} records (torn tail): the "
+                    f"segments lack records the spine had hashed; their hashes were moved to {target}"
                 )
-                self._recovery_lost.append((end, spine.size - end, target))
             spine.truncate(end)
         recomputed = self._leaves_between(lo, end)
         stored = spine.leaves(lo, spine.size)
@@ -619,7 +599,11 @@ class AuditStore:
         data = self._read_file(seg.path)
         self._quarantine(seg, data, offset, reason)
         self._fill_from_scan(seg, data[:offset], fmt.scan_frames(data[:offset], find_resync=False))
-        self._recovery_lost.append((seq, self._spine_size() - seq, "quarantine/ (with the changed records)"))
+        spine_path = os.path.join(self.root, "merkle.spine")
+        target = self._save_to_quarantine(spine_path, self._read_file(spine_path), _spine_bytes(seq))
+        self.repairs.append(
+            f"moved the Merkle spine hashes of seq {seq} on (the original records) to {target}"
+        )
 
     def _leaves_between(self, start: int, end: int) -> list[bytes]:
         """Leaf hashes of records [start, end), read from the segments."""

@@ -196,21 +196,19 @@ def check_reopened(
 ) -> AuditStore:
     """Opens the store and checks it holds ``expected``, verifies, and numbers a new append after it.
 
-    ``lost``: records the spine had hashed but the segments no longer hold; recovery then
-    follows ``expected`` with one ``$sys`` gap record saying which seqs were lost.
+    ``lost``: records the spine had hashed but the segments no longer hold; recovery keeps
+    their hashes in ``quarantine/`` and says so in ``repairs``.
     """
     store = AuditStore.open(config, repair=repair)
-    raws = raws_of(store)
-    if lost:
-        gap = orjson.loads(raws.pop())
-        assert gap["$sys"] == "gap" and gap["reason"] == "recovery", gap
-        assert (gap["first_seq"], gap["count"], gap["seq"]) == (len(expected), lost, len(expected))
-        assert "quarantine" in gap["detail"]
-    assert raws == expected
-    assert store.tree_size == len(expected) + (1 if lost else 0)
+    assert raws_of(store) == expected
+    assert store.tree_size == len(expected)
     report = store.verify()
     assert report.ok, report.problems
-    assert store.append({"after": "recovery"}).seq == store.tree_size - 1
+    if lost:
+        [note] = [r for r in store.repairs if "hashes were moved" in r]
+        assert f"from {len(expected) + lost} to {len(expected)} records" in note
+        assert any(p.name.startswith("merkle.spine.") for p in quarantined(Path(config.root)))
+    assert store.append({"after": "recovery"}).seq == len(expected)
     return store
 
 
@@ -224,8 +222,6 @@ def check_truncated(
     root = Path(config.root)
     if len(expected) >= floor:
         store = check_reopened(config, expected, lost=hashed - len(expected))
-        if hashed > len(expected):
-            assert any(p.name.startswith("merkle.spine.") for p in quarantined(root)), "hashes kept"
         if cut < SEG_HEADER.size:
             assert any("recreated torn segment header" in r for r in store.repairs)
         assert parse_segment(seg.read_bytes())[0] == base, "the segment keeps (or is recreated at) its base"
@@ -363,8 +359,7 @@ class TestBadFrameFollowedByValid:
     def test_repair_after_last_checkpoint(self, tmp_path: Path) -> None:
         """repair=True quarantines from the bad frame on, with the spine's hashes of the lost records.
 
-        The records lost after the last checkpoint leave verify ok (no checkpoint covered
-        them), and a ``$sys`` gap record in the trail says which seqs they were.
+        The records lost after the last checkpoint leave verify ok (no checkpoint covered them).
         """
         raws, config, _seg, offset, original = self._damaged(tmp_path, 4, checkpoint_after=2)
         store = AuditStore.open(config, repair=True)
@@ -375,20 +370,9 @@ class TestBadFrameFollowedByValid:
         assert moved.read_bytes() == bytes(damaged_tail)
         assert len(hashes.read_bytes()) == HASH * (stored_hash_count(10) - stored_hash_count(4))
         assert any(str(moved) in r and f"offset {offset}" in r for r in store.repairs)
-        *kept, gap = raws_of(store)
-        assert kept == raws[:4]
-        assert orjson.loads(gap) | {"ts": 0} == {
-            "$sys": "gap",
-            "reason": "recovery",
-            "count": 6,
-            "first_seq": 4,
-            "last_seq": 9,
-            "seq": 4,
-            "ts": 0,
-            "detail": orjson.loads(gap)["detail"],
-        }
-        assert str(hashes) in orjson.loads(gap)["detail"]
-        assert store.append({"after": "repair"}).seq == 5
+        assert raws_of(store) == raws[:4]
+        assert any(str(hashes) in r for r in store.repairs)
+        assert store.append({"after": "repair"}).seq == 4
         report = store.verify()
         assert report.ok, report.problems  # the checkpoint (2 records) still holds
         store.close()
@@ -444,17 +428,14 @@ class TestTornTailVersusDamage:
             AuditStore.open(config)
         assert err.value.offset == start
         store = AuditStore.open(config, repair=True)
-        # Records 0 and 1 survive; a gap record (seq 2) says which hashed records were lost.
-        kept = list(store.scan())
-        assert [r.seq for r in kept] == [0, 1, 2]
-        assert kept[2].payload["$sys"] == "gap" and kept[2].payload["first_seq"] == 2
+        assert [r.seq for r in store.scan()] == [0, 1]
         store.close()
 
     def test_bad_last_frame_is_a_torn_tail(self, tmp_path: Path) -> None:
         """A CRC failure in the last frame with nothing after it is cut as a torn tail.
 
         The spine had hashed that record, so its frame was once whole (a power failure or
-        a hand damaged it): its bytes and hash go to quarantine/ and a gap record says so.
+        a hand damaged it): its bytes and its hash are kept in quarantine/.
         """
         raws, config, seg = self._store(tmp_path)
         data = bytearray(seg.read_bytes())
@@ -546,14 +527,13 @@ class TestSpineRecovery:
     )
     def test_garbage_appended(self, tmp_path: Path, garbage: bytes, extra_leaves: int) -> None:
         """Garbage after the last leaf set is cut away; when it parses as whole extra leaves
-        (10 more hashes complete 4 more leaf sets), those are kept in quarantine/ and the
-        trail gets a gap record for them, as for any hashed record the segments lack."""
+        (10 more hashes complete 4 more leaf sets), those are kept in quarantine/, as for any
+        hashed record the segments lack."""
         raws, config, spine = self._store(tmp_path)
         with open(spine, "ab") as f:
             f.write(garbage)
         check_reopened(config, raws, lost=extra_leaves).close()
-        total = 13 + (1 if extra_leaves else 0) + 1  # records, the gap record, the append after
-        assert spine.stat().st_size == SPINE_HEADER + HASH * stored_hash_count(total)
+        assert spine.stat().st_size == SPINE_HEADER + HASH * stored_hash_count(14)
 
     def test_garbage_leaf_in_window(self, tmp_path: Path) -> None:
         """A wrong leaf hash after the checkpoint is rewritten from the segment."""
@@ -849,7 +829,7 @@ class TestRepeatedRecovery:
         crash(first)
         second = AuditStore.open(config)
         assert second.repairs == []
-        assert [r.seq for r in second.scan()] == list(range(10))  # 8 kept, the gap record, one more
+        assert [r.seq for r in second.scan()] == list(range(9))
         second.close()
 
 
@@ -917,18 +897,17 @@ class TestChangedRecordInCrashWindow:
             AuditStore.open(config)
         assert info.value.seq == 10
 
-    def test_repair_quarantines_and_records_the_gap(self, tmp_path: Path) -> None:
-        """repair=True moves the changed record and those after it aside and says so in the trail."""
+    def test_repair_quarantines(self, tmp_path: Path) -> None:
+        """repair=True moves the changed record, those after it and their original hashes aside."""
         root = tmp_path / "store"
         raws, config = build_crashed(root, [20] * 10, checkpoint_after=5)
         [seg] = segments(root)
         rewrite_frame(seg, 7, b'"i":7', b'"i":70')
         store = AuditStore.open(config, repair=True)
-        *kept, gap = store.scan()
-        assert [r.raw for r in kept] == raws[:7]
-        assert (gap.payload["$sys"], gap.payload["first_seq"], gap.payload["count"]) == ("gap", 7, 3)
-        [moved] = [p for p in quarantined(root) if p.name.startswith("seg-")]
-        assert b'"i":70' in moved.read_bytes()
+        assert raws_of(store) == raws[:7] and store.tree_size == 7
+        [hashes, moved] = quarantined(root)
+        assert b'"i":70' in moved.read_bytes() and moved.name.startswith("seg-")
+        assert len(hashes.read_bytes()) == HASH * (stored_hash_count(10) - stored_hash_count(7))
         assert store.verify().ok
         store.close()
 
