@@ -260,6 +260,7 @@ def test_hostile_input(row: Row, tmp_path: Path, logger: logging.Logger) -> None
     fallback = Capture()
     root = tmp_path / "store"
     handler = AuditHandler(root, fallback=fallback, **dict(row.handler_options))
+    # handleError would print "--- Logging error ---"; here it records that it was called.
     handled: list[str] = []
     handler.handleError = lambda record: handled.append(record.msg)  # type: ignore[method-assign]
     logger.addHandler(handler)
@@ -279,6 +280,8 @@ def test_hostile_input(row: Row, tmp_path: Path, logger: logging.Logger) -> None
     assert m["written"] == len(users)
     assert m["rejected"] + m["handed_off"] + m["parked_now"] == len(fallback.records) + m["parked_now"]
     row.check(users[0] if users else None, fallback.records)
+    if users:
+        assert handled == [], "a stored record must not also be reported as a logging error"
 
 
 # ---------------------------------------------------------------------------- a repr that hangs

@@ -109,7 +109,7 @@ def run_trial(root: Path, policy: str, seed: int, *, writeback: bool) -> None:
         retention=retention,
         file_layer=layer,
     )
-    appended: list[bytes] = []  # raw payloads of the appends that returned, in order
+    appended: list[bytes] = []  # leaf hashes of the appends that returned, in order
     durable = 0  # how many of them a returned sync/checkpoint/retention made durable
     returned = 0  # appends that returned
     store = None
