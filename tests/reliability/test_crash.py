@@ -22,7 +22,7 @@ import pytest
 import quipu_logging
 
 PACKAGE_PARENT = str(Path(quipu_logging.__file__).resolve().parent.parent)
-KILLS_PER_SCENARIO = 4
+KILLS_PER_SCENARIO = 5  # one kill per sync policy in every scenario
 SEED = int(os.environ.get("QUIPU_CRASH_SEED", "20261204"))
 
 
