@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 SRC    := $(shell find quipu_logging -name '*.py' -o -name py.typed) setup.cfg pyproject.toml README.md
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench lint typecheck check clean
+.PHONY: test demo bench crash soak lint typecheck check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/store.py
+
+# The reliability runs too long for the suite (its short versions run in make test):
+#   make crash   200 SIGKILLs of a writer, seeded (SEED=n to vary), ~4 min
+#   make soak    8 producers for 5 minutes against a periodically slowed writer
+SEED ?= 1
+crash: $(STAMP)
+	$(BIN)/python tests/reliability/crash_harness.py --kills 200 --seed $(SEED)
+
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check quipu_logging tests examples bench

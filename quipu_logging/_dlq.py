@@ -395,7 +395,7 @@ def _decode(data: bytes) -> tuple[list[tuple[ParkedEntry, bytes]], list[bytes]]:
 def _entry(raw: bytes) -> ParkedEntry | None:
     try:
         obj = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a frame of absurdly deep nesting
         return None
     if not isinstance(obj, dict):
         return None

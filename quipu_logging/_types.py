@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import MalformedError
+
 __all__ = [
     "ConsistencyProof",
     "InclusionProof",
@@ -126,32 +128,35 @@ def _hex_list(items: list[bytes]) -> list[str]:
 
 def _load(data: str | bytes | Mapping[str, Any]) -> Mapping[str, Any]:
     if isinstance(data, (str, bytes)):
-        data = json.loads(data)
+        try:
+            data = json.loads(data)
+        except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+            raise MalformedError("a proof must be valid JSON") from None
     if not isinstance(data, Mapping):
-        raise ValueError("a proof must be a JSON object")
+        raise MalformedError("a proof must be a JSON object")
     return data
 
 
 def _unhex(value: Any, name: str) -> bytes:
     if not isinstance(value, str):
-        raise ValueError(f"proof field {name!r} must be a hex string")
+        raise MalformedError(f"proof field {name!r} must be a hex string")
     try:
         return bytes.fromhex(value)
     except ValueError:
-        raise ValueError(f"proof field {name!r} is not valid hex") from None
+        raise MalformedError(f"proof field {name!r} is not valid hex") from None
 
 
 def _checkpoint(value: Any) -> Mapping[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ValueError("proof field 'checkpoint' must be a JSON object or null")
+        raise MalformedError("proof field 'checkpoint' must be a JSON object or null")
     return value
 
 
 def _int(value: Any, name: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"proof field {name!r} must be a non-negative integer")
+        raise MalformedError(f"proof field {name!r} must be a non-negative integer")
     return value
 
 
@@ -201,14 +206,14 @@ class InclusionProof:
         """Parses what :meth:`to_json` wrote (a string, bytes or an already parsed dict).
 
         Raises:
-            ValueError: the text is not an inclusion proof.
+            MalformedError: the text is not an inclusion proof (a ``ValueError`` too).
         """
         obj = _load(data)
         if obj.get("type", "inclusion") != "inclusion":
-            raise ValueError("not an inclusion proof")
+            raise MalformedError("not an inclusion proof")
         path = obj.get("path")
         if not isinstance(path, list):
-            raise ValueError("proof field 'path' must be a list of hex strings")
+            raise MalformedError("proof field 'path' must be a list of hex strings")
         return cls(
             seq=_int(obj.get("seq"), "seq"),
             tree_size=_int(obj.get("tree_size"), "tree_size"),
@@ -262,14 +267,14 @@ class ConsistencyProof:
         """Parses what :meth:`to_json` wrote (a string, bytes or an already parsed dict).
 
         Raises:
-            ValueError: the text is not a consistency proof.
+            MalformedError: the text is not a consistency proof (a ``ValueError`` too).
         """
         obj = _load(data)
         if obj.get("type", "consistency") != "consistency":
-            raise ValueError("not a consistency proof")
+            raise MalformedError("not a consistency proof")
         path = obj.get("path")
         if not isinstance(path, list):
-            raise ValueError("proof field 'path' must be a list of hex strings")
+            raise MalformedError("proof field 'path' must be a list of hex strings")
         return cls(
             old_size=_int(obj.get("old_size"), "old_size"),
             new_size=_int(obj.get("new_size"), "new_size"),

@@ -16,6 +16,7 @@ __all__ = [
     "ConfigError",
     "CorruptionError",
     "FormatVersionError",
+    "MalformedError",
     "NotAStoreError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -96,6 +97,15 @@ class FormatVersionError(QuipuError, ValueError):
             f"{file}: unsupported store format version {version!r}; this release of quipu_logging "
             "reads version 1 only: upgrade quipu_logging to read this store"
         )
+
+
+class MalformedError(QuipuError, ValueError):
+    """Serialized input handed to a parser is not what it claims to be.
+
+    Raised for a checkpoint line or anchor, an inclusion or consistency proof
+    that is not valid JSON, lacks a field, or holds a value of the wrong type
+    or size. It derives from ``ValueError``, which those parsers raised before.
+    """
 
 
 class NotAStoreError(QuipuError, ValueError):

@@ -24,6 +24,7 @@ EXPECTED = [
     "CorruptionError",
     "FormatVersionError",
     "InclusionProof",
+    "MalformedError",
     "NotAStoreError",
     "Page",
     "PayloadTooLargeError",

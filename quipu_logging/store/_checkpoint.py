@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MalformedError
 
 __all__ = ["DOMAIN", "Checkpoint", "Signer", "load_public_keys", "parse_checkpoint_lines"]
 
@@ -99,7 +99,7 @@ class Checkpoint:
         A file holding several lines (a copy of ``checkpoints.jsonl``) gives its last line.
 
         Raises:
-            ValueError: the input is not a checkpoint.
+            MalformedError: the input is not a checkpoint (a ``ValueError`` too).
         """
         if isinstance(data, Checkpoint):
             return data
@@ -109,17 +109,17 @@ class Checkpoint:
             with open(os.fspath(data), "rb") as f:
                 lines = [line for line in f.read().splitlines() if line.strip()]
             if not lines:
-                raise ValueError(f"{os.fspath(data)}: no checkpoint in this file")
+                raise MalformedError(f"{os.fspath(data)}: no checkpoint in this file")
             data = lines[-1]
         if isinstance(data, (str, bytes)):
             try:
                 obj = json.loads(data)
-            except ValueError:
-                raise ValueError("checkpoint is not valid JSON") from None
+            except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
+                raise MalformedError("checkpoint is not valid JSON") from None
         else:
             obj = data
         if not isinstance(obj, Mapping):
-            raise ValueError("checkpoint must be a JSON object")
+            raise MalformedError("checkpoint must be a JSON object")
         try:
             cp = cls(
                 tree_size=_uint(obj["tree_size"]),
@@ -127,27 +127,37 @@ class Checkpoint:
                 created_at=_uint(obj["created_at"]),
                 segment_seq=_uint(obj["segment_seq"]),
                 prev=_hash(obj["prev"]),
-                key_id=str(obj["key_id"]),
-                sig=str(obj["sig"]),
+                key_id=_text(obj["key_id"], "key_id"),
+                sig=_text(obj["sig"], "sig"),
             )
         except KeyError as e:
-            raise ValueError(f"checkpoint lacks field {e.args[0]!r}") from None
+            raise MalformedError(f"checkpoint lacks field {e.args[0]!r}") from None
         return cp
 
 
 def _uint(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**64:
-        raise ValueError(f"checkpoint field must be an unsigned 64-bit integer, got {value!r}")
+        raise MalformedError(f"checkpoint field must be an unsigned 64-bit integer, got {value!r:.40}")
     return value
 
 
 def _hash(value: Any) -> bytes:
     if not isinstance(value, str):
-        raise ValueError("checkpoint hash fields must be hex strings")
-    raw = bytes.fromhex(value)
+        raise MalformedError("checkpoint hash fields must be hex strings")
+    try:
+        raw = bytes.fromhex(value)
+    except ValueError:
+        raise MalformedError("checkpoint hash fields must be hex strings") from None
     if len(raw) != 32:
-        raise ValueError("checkpoint hash fields must be 32 bytes")
+        raise MalformedError("checkpoint hash fields must be 32 bytes")
     return raw
+
+
+def _text(value: Any, name: str) -> str:
+    # str() of a nested list or dict would be accepted and then mean nothing; say what is wrong.
+    if not isinstance(value, str):
+        raise MalformedError(f"checkpoint field {name!r} must be a string")
+    return value
 
 
 def parse_checkpoint_lines(data: bytes) -> tuple[list[tuple[int, Checkpoint | None, str]], int]:

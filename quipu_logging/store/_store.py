@@ -1017,8 +1017,19 @@ class AuditStore:
             self._io.close(fd)
         self._io.rename(tmp, side_path)
         assert self._active_fd is not None
-        self._io.close(self._active_fd)
-        self._active_fd = None
+        # close(2) frees the descriptor even when it reports an error, and its number may at
+        # once belong to another file: forget it first, so no later pwrite can land there.
+        fd, self._active_fd = self._active_fd, None
+        try:
+            self._io.close(fd)
+        except OSError as e:
+            # A deferred write error surfaced at close: like a failed fsync, never trust the
+            # state; the owner reopens, and recovery re-reads and re-verifies the tail.
+            self._broken = e
+            raise StoreBrokenError(
+                f"closing the sealed segment of store {self.root!r} failed ({e}); the store refuses "
+                "writes until it is reopened, which re-reads and re-verifies the tail"
+            ) from e
         active.sealed = True
         self._create_segment(active.number + 1, active.end)
         self._write_checkpoint()
