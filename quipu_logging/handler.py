@@ -48,7 +48,7 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any, Final
 
@@ -192,6 +192,16 @@ class _Shared:
         raise RuntimeError("no live AuditHandler to take the event") from error
 
 
+def _hand_off_through(ref: weakref.ref[AuditHandler]) -> Callable[[Any, BaseException], None]:
+    def on_lost(event: Any, error: BaseException) -> None:
+        handler = ref()
+        if handler is None:
+            raise RuntimeError("no live AuditHandler to take the event") from error
+        handler._hand_off_lost(event, error)
+
+    return on_lost
+
+
 _registry_lock = threading.Lock()
 _registry: dict[str, _Shared] = {}
 
@@ -238,8 +248,8 @@ class AuditHandler(logging.Handler):
         root: the store directory (created when missing). Exactly one of ``root`` and
             ``pipeline``.
         pipeline: an :class:`~quipu_logging.AuditPipeline` you started and will close
-            yourself (``queue_size`` and ``sync`` then belong to it; ``on_lost`` stays
-            yours to set).
+            yourself (``queue_size`` and ``sync`` then belong to it; if it has no
+            ``on_lost``, the handler binds it to its fallback).
         queue_size: capacity of the pipeline's bounded queue.
         fallback: where rejected records go: a ``logging.Handler``; the name of another
             handler (resolved when first needed, so ``dictConfig`` may build them in any
@@ -342,6 +352,10 @@ class AuditHandler(logging.Handler):
             self._pipeline = pipeline
             self._handle = pipeline.handle()
             self.root = str(pipeline.store_root)
+            if pipeline._on_lost is None:
+                # Nobody takes what the store and the DLQ both refuse: this handler's fallback
+                # does (DESIGN §6), through a weak reference so the pipeline keeps no handler alive.
+                pipeline.set_on_lost(_hand_off_through(weakref.ref(self)))
         else:
             assert root is not None
             self.root = os.path.realpath(os.fspath(root))

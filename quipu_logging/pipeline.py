@@ -1221,17 +1221,17 @@ class AuditHandle:
             ``writer_alive``, ``disk_full`` (the latch), ``low_disk`` (below
             ``low_disk_bytes`` or ``low_disk_ratio`` free at the last check), ``stalled``
             (a batch is taking longer than ``stall_timeout``), ``closed``, and
-            ``status``: ``"unhealthy"`` when the writer is not alive or stalled,
-            ``"degraded"`` when the disk is full or low or events wait in the DLQ,
-            else ``"ok"``.
+            ``status``: ``"unhealthy"`` when the writer is not alive, stalled, or the
+            disk is full (records cannot be stored: they go to the DLQ or the fallback),
+            ``"degraded"`` when the disk is low or events wait in the DLQ, else ``"ok"``.
         """
         p = self._p
         alive = p._thread.is_alive() and not (p._foreign or p._finished or p._dying)
         busy = p._busy_since
         stalled = busy is not None and p._clock() - busy > p._stall_timeout
-        if not alive or stalled:
+        if not alive or stalled or p._disk_full:
             status = "unhealthy"
-        elif p._disk_full or p._low_disk or p._dlq_entries > 0:
+        elif p._low_disk or p._dlq_entries > 0:
             status = "degraded"
         else:
             status = "ok"

@@ -727,16 +727,23 @@ class TestFallback:
         assert handler.flush() is True
         assert fallback.flushes >= 1
 
+    @pytest.mark.parametrize("form", ["root", "pipeline"])
     def test_lost_events_reach_the_fallback(
         self,
         root: Path,
         logger: logging.Logger,
         make_handler: Callable[..., AuditHandler],
         monkeypatch: pytest.MonkeyPatch,
+        form: str,
     ) -> None:
-        """An event the store and the DLQ both refuse is handed to the fallback as a record."""
+        """An event the store and the DLQ both refuse is handed to the fallback as a record,
+        also through a pipeline the caller started without an ``on_lost`` of its own."""
         fallback = Capture()
-        handler = make_handler(fallback=fallback)
+        if form == "root":
+            handler = make_handler(fallback=fallback)
+        else:
+            own = AuditPipeline.start(root)
+            handler = make_handler(pipeline=own, fallback=fallback)
         pipeline = handler.pipeline
         assert pipeline is not None
 
@@ -754,6 +761,9 @@ class TestFallback:
         assert record.getMessage() == "lost one" and record.actor == "alice"  # type: ignore[attr-defined]
         assert record.levelname == "WARNING" and "No space" in record.quipu_lost  # type: ignore[attr-defined]
         assert handler.metrics()["handed_off"] == 1
+        if form == "pipeline":
+            handler.close()
+            pipeline.close()
 
 
 class TestSharing:

@@ -512,7 +512,7 @@ class TestFailures:
         assert p.flush(10)
         m = handle.metrics()
         assert (m["retries"], m["parked"]) == (0, 1)
-        assert handle.health()["disk_full"] and handle.health()["status"] == "degraded"
+        assert handle.health()["disk_full"] and handle.health()["status"] == "unhealthy"
         with pytest.raises(PipelineClosedError, match="disk space"):
             handle.emit("app", {"i": 1})
         assert handle.metrics()["rejected_disk_full"] == 1

@@ -107,7 +107,7 @@ def test_real_full_tmpfs(tmp_path: Path, dlq: str) -> None:
     assert r["raised"] == []
     # While full: the latch is set and health says so; every record went somewhere, counted.
     assert r["health_full"]["disk_full"] is True
-    assert r["health_full"]["status"] != "ok" and r["health_full"]["writer_alive"] is True
+    assert r["health_full"]["status"] == "unhealthy" and r["health_full"]["writer_alive"] is True
     full = r["metrics_full"]
     _identities(full)
     if dlq == "other":
