@@ -52,11 +52,13 @@ from collections.abc import Mapping
 from types import FrameType
 from typing import Any, Final
 
+from . import _sharded
 from .errors import ConfigError, PermissionDeniedError, PipelineClosedError, QueueFullError
 from .formatter import CORE_KEYS, TRUNCATED, AuditJsonFormatter, check_formatter_options
 from .metrics import Counter
 from .pipeline import AuditHandle, AuditPipeline, PipelineConfig
 from .store import StoreConfig, SyncPolicy
+from .store._set import parse_shards_option
 
 __all__ = ["AuditHandler"]
 
@@ -250,7 +252,12 @@ class AuditHandler(logging.Handler):
         flush_timeout: seconds :meth:`flush` and :meth:`close` wait by default.
         max_field_chars: longer string (and bytes) fields are cut to this length and listed
             under ``"$truncated"``; ``None`` keeps them whole.
-        shards: reserved for multi-process servers; must be ``None`` in this release.
+        shards: ``"auto"`` or a number makes ``root`` a store set for multi-process
+            servers: every process (a forked child, the parent of forked workers, a
+            spawned worker) takes the first free single-writer shard at its first record
+            (see README, "Multi-process servers"). The number is the most shards the set
+            may have, fixed when the set is created; ``"auto"`` = the larger of 8 and
+            2 x CPU count. ``None``: ``root`` is one store, written by this process only.
         level: the handler's level.
         **formatter_options: :class:`~quipu_logging.AuditJsonFormatter` keywords for the
             records' shape (``static_fields``, ``rename_fields``, ...). A formatter set
@@ -305,6 +312,7 @@ class AuditHandler(logging.Handler):
         self._pid = os.getpid()
         self._audit_closed = False
         self._shared: _Shared | None = None
+        self._set_handle: _sharded.ShardedHandle | None = None
         self._handle: AuditHandle | None = None
         self._pipeline: AuditPipeline | None = None
         self.unavailable: str | None = None
@@ -329,7 +337,10 @@ class AuditHandler(logging.Handler):
         else:
             assert root is not None
             self.root = os.path.realpath(os.fspath(root))
-            self._attach(self.root)
+            if shards is not None:
+                self._attach_set(self.root, shards)
+            else:
+                self._attach(self.root)
 
     # ------------------------------------------------------------------ pipeline sharing
 
@@ -372,6 +383,20 @@ class AuditHandler(logging.Handler):
             assert pipeline is not None
             self._pipeline = pipeline
             self._handle = pipeline.handle()
+
+    def _attach_set(self, root: str, shards: Any) -> None:
+        """Joins this process's handle on the store set ``root``; no shard is taken yet."""
+        try:
+            handle = _sharded.attach(
+                root, shards=shards, sync=self.sync, queue_size=self.queue_size, on_lost=self._hand_off_lost
+            )
+        except ConfigError:
+            raise
+        except Exception as exc:
+            self._mark_unavailable(root, exc)
+            return
+        self._set_handle = handle
+        self._handle = handle
 
     def _mark_unavailable(self, root: str, exc: BaseException) -> None:
         pid = getattr(exc, "pid", None)
@@ -475,7 +500,10 @@ class AuditHandler(logging.Handler):
     def _refusal(self, local: _Local) -> str | None:
         """Why this record cannot go to the pipeline from here, or ``None`` when it can."""
         if self._generation != _fork_generation:
-            return "forked"
+            if self._set_handle is None:
+                return "forked"
+            # A store set follows the fork: the child takes a shard of its own.
+            self._generation = _fork_generation
         if self._handle is None:
             return "unavailable" if self.unavailable is not None else "closed"
         if sys.is_finalizing():
@@ -676,7 +704,14 @@ class AuditHandler(logging.Handler):
         self._audit_closed = True
         self._handle = None
         self._config_section = None
-        if self._generation != _fork_generation:
+        set_handle, self._set_handle = self._set_handle, None
+        if set_handle is not None:
+            # This process's shard only: a forked child never closes its parent's.
+            try:
+                _sharded.release(set_handle, self.flush_timeout)
+            except Exception:
+                self._warn("close", None, "closing the audit pipeline failed")
+        elif self._generation != _fork_generation:
             # Inherited across fork: the parent's pipeline is not ours to close.
             self._shared = None
             return
@@ -818,9 +853,9 @@ def _check_args(
                 "PipelineConfig / StoreConfig instead"
             )
     if shards is not None:
-        raise ConfigError(
-            "AuditHandler: shards need the multi-process release; use one store root per process"
-        )
+        if pipeline is not None:
+            raise ConfigError("AuditHandler: shards= goes with root= (a store set), not with pipeline=")
+        parse_shards_option(shards, "AuditHandler: shards")
     if type(queue_size) is not int or queue_size < 1:
         raise ConfigError(f"AuditHandler: queue_size must be a positive integer, got {queue_size!r}")
     SyncPolicy.parse(sync)
