@@ -127,10 +127,11 @@ class TestConstruction:
         finally:
             pipeline.close()
 
-    def test_shards_need_the_multi_process_release(self, root: Path) -> None:
-        """Any ``shards`` value is refused for now."""
-        with pytest.raises(ConfigError, match="shards need the multi-process release"):
-            AuditHandler(root, shards="auto")
+    @pytest.mark.parametrize("shards", [0, -1, "many", True, 2.5])
+    def test_bad_shards_are_refused(self, root: Path, shards: object) -> None:
+        """``shards`` is "auto" or a positive number; anything else is a ConfigError."""
+        with pytest.raises(ConfigError, match="shards"):
+            AuditHandler(root, shards=shards)
 
     def test_misspelt_option_names_the_right_one(self, root: Path) -> None:
         """A typo in a handler keyword is a ConfigError suggesting the intended one."""
