@@ -275,10 +275,12 @@ class ShardedHandle(AuditHandle):
 
     def close(self, timeout: float | None = None) -> bool:
         """Closes this process's shard pipeline (never a parent's). Idempotent."""
+        # Let a shard being taken receive what waits for it first: closing right after the
+        # first records (a short script) must store them, not hand them off.
+        left = self._wait_open(timeout)
         with self._lock:
             self._state = _CLOSED
             self._inner = None
-        left = self._wait_open(timeout)
         p = self._pipeline
         return True if p is None else p.close(left)
 
