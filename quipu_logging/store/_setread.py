@@ -296,15 +296,18 @@ class StoreSetReader(AuditStore):
             obj = orjson.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
             if not isinstance(obj, dict) or obj.get("v") != 1 or obj["d"] not in ("n", "o"):
                 raise ValueError
-            if obj.get("t") != "set":
-                raise QueryError("cursor: it was made by a single store, not by this store set")
-            positions = obj["p"]
-            if not isinstance(positions, dict) or not all(
-                shard_index(k) is not None and type(v) is int and v >= _DONE for k, v in positions.items()
+            positions = obj["p"] if obj.get("t") == "set" else None
+            if positions is not None and not (
+                isinstance(positions, dict)
+                and all(
+                    shard_index(k) is not None and type(v) is int and v >= _DONE for k, v in positions.items()
+                )
             ):
                 raise ValueError
         except (ValueError, KeyError, TypeError, binascii.Error, orjson.JSONDecodeError):
             raise QueryError("cursor: garbled; pass Page.next_cursor exactly as returned") from None
+        if positions is None:
+            raise QueryError("cursor: it was made by a single store, not by this store set")
         if obj["s"] != self._set_id:
             raise QueryError(
                 "cursor: it was made by another store set; cursors work only with the set that made them"
