@@ -28,6 +28,7 @@ the opener then moves them, in order, into the pipeline.
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -158,6 +159,7 @@ class ShardedHandle(AuditHandle):
             self._state = _OPENING
             thread = threading.Thread(target=self._open, name="quipu-shard-opener", daemon=True)
             self._opener = thread
+            _close_at_exit(self)
             thread.start()
 
     def _open(self) -> None:
@@ -174,7 +176,7 @@ class ShardedHandle(AuditHandle):
         except Exception as e:
             self._fail(e)
             return
-        _close_at_worker_exit(pipeline)
+        _close_at_exit(None)  # again: our hook must run before the pipelines' own (LIFO)
         with self._lock:
             pending, self._pending = self._pending, []
             closing = self._state == _CLOSED
@@ -277,7 +279,7 @@ class ShardedHandle(AuditHandle):
         """Closes this process's shard pipeline (never a parent's). Idempotent."""
         # Let a shard being taken receive what waits for it first: closing right after the
         # first records (a short script) must store them, not hand them off.
-        left = self._wait_open(timeout)
+        left = self._wait_open(10.0 if timeout is None else timeout)
         with self._lock:
             self._state = _CLOSED
             self._inner = None
@@ -336,14 +338,32 @@ class ShardedHandle(AuditHandle):
         return out
 
 
-def _close_at_worker_exit(pipeline: AuditPipeline) -> None:
+def _close_at_exit(handle: ShardedHandle | None) -> None:
+    """Makes sure records still waiting for a shard are stored when the process exits.
+
+    ``atexit`` (re-registered so it runs before the pipelines' own hook, which would seal
+    a pipeline the opener is still filling); and, for ``multiprocessing`` workers, which
+    leave through ``os._exit`` after running ``multiprocessing.util``'s finalisers, a
+    ``Finalize`` for ``handle``.
+    """
+    atexit.unregister(_close_all_at_exit)
+    atexit.register(_close_all_at_exit)
     util = sys.modules.get("multiprocessing.util")
-    if util is None:
+    if handle is None or util is None:
         return
     try:
-        util.Finalize(None, pipeline.close, exitpriority=10)
+        util.Finalize(None, handle.close, exitpriority=10)
     except Exception:  # pragma: no cover - an unusual multiprocessing
         pass
+
+
+def _close_all_at_exit() -> None:
+    for handle in list(_every):
+        if handle._state in (_OPENING, _OPEN):
+            try:
+                handle.close()
+            except Exception:  # pragma: no cover - best effort at interpreter exit
+                pass
 
 
 # ------------------------------------------------------------------ one handle per set root per process
