@@ -268,7 +268,6 @@ def _accepts(path: str) -> bool:
 @pytest.mark.parametrize("preload", [False, True], ids=["no-preload", "preload"])
 def test_gunicorn_four_workers(tmp_path: Path, preload: bool) -> None:
     """4 gunicorn workers, 4,000 concurrent requests: set verifies, one record per request, no fallback."""
-    pytest.importorskip("gunicorn")
     (tmp_path / "myapp.py").write_text(APP)
     (tmp_path / "gunicorn.conf.py").write_text(_readme_gunicorn_conf())
     root, fallback, sock = tmp_path / "audit", tmp_path / "fallback.jsonl", tmp_path / "g.sock"
