@@ -313,6 +313,7 @@ class AuditHandler(logging.Handler):
         self._audit_closed = False
         self._shared: _Shared | None = None
         self._set_handle: _sharded.ShardedHandle | None = None
+        self._closed_set: _sharded.ShardedHandle | None = None
         self._handle: AuditHandle | None = None
         self._pipeline: AuditPipeline | None = None
         self.unavailable: str | None = None
@@ -706,6 +707,7 @@ class AuditHandler(logging.Handler):
         self._config_section = None
         set_handle, self._set_handle = self._set_handle, None
         if set_handle is not None:
+            self._closed_set = set_handle  # metrics() after close still reports its counters
             # This process's shard only: a forked child never closes its parent's.
             try:
                 _sharded.release(set_handle, self.flush_timeout)
@@ -751,6 +753,8 @@ class AuditHandler(logging.Handler):
                 handle = self._pipeline.handle()
             except Exception:
                 handle = None
+        if handle is None:
+            handle = self._closed_set
         if handle is not None:
             try:
                 out.update(handle.metrics())
