@@ -35,7 +35,9 @@ writer lock, a permission problem), the handler is still built, so ``dictConfig`
 not crash the application: it says so once on stderr, naming the root and the lock
 holder's pid, and sends its records to the fallback. In a child process after
 ``os.fork()`` the inherited handler never writes the parent's store: the child's records
-go to the fallback with one warning. Warnings about diverted records are written to
+go to the fallback with one warning. With ``shards=``, ``root`` is a store set instead
+(``_sharded.py``): every process, forked children included, takes a shard of its own at
+its first record. Warnings about diverted records are written to
 stderr at most once a minute per handler and reason, with a count of those held back.
 """
 

@@ -44,6 +44,7 @@ from ._set import (
     SET_FILE,
     SET_LOCK,
     SetCheckpoint,
+    ShardState,
     StoreSet,
     _is_unborn_shard,
     parse_set_checkpoints,
@@ -94,6 +95,7 @@ class StoreSetReader(AuditStore):
         self._file_layer = file_layer
         self._readers: dict[str, AuditStore] = {}
         self._unborn: set[str] = set()
+        self._unreadable: dict[str, str] = {}
         self.refresh()
 
     # ------------------------------------------------------------------ shards
@@ -103,6 +105,7 @@ class StoreSetReader(AuditStore):
         if self._closed:
             raise StoreClosedError(f"store set {self.root!r} is closed")
         self._unborn.clear()
+        self._unreadable.clear()
         for name in self._shard_names():
             reader = self._readers.get(name)
             if reader is not None:
@@ -111,10 +114,13 @@ class StoreSetReader(AuditStore):
             path = os.path.join(self.root, name)
             try:
                 self._readers[name] = AuditStore.open_reader(path, file_layer=self._file_layer)
-            except NotAStoreError:
-                if not _is_unborn_shard(path):
-                    raise
-                self._unborn.add(name)
+            except NotAStoreError as e:
+                if _is_unborn_shard(path):
+                    self._unborn.add(name)
+                else:
+                    self._unreadable[name] = str(e)  # reads skip it; verify reports it
+            except CorruptionError as e:
+                self._unreadable[name] = str(e)
 
     def _shard_names(self) -> list[str]:
         found = []
@@ -418,6 +424,10 @@ class StoreSetReader(AuditStore):
                     )
         # Every shard, as a store.
         self.refresh()
+        for name, reason in sorted(self._unreadable.items()):
+            problems.append(
+                Problem(os.path.join(self.root, name), None, None, f"the shard cannot be read: {reason}")
+            )
         total = self.tree_size
         done = 0
         pending = 0
@@ -499,41 +509,50 @@ class StoreSetReader(AuditStore):
             path = os.path.join(self.root, state.name)
             reader = self._readers.get(state.name)
             if reader is None:
-                if state.tree_size == 0 and (state.name in self._unborn):
-                    continue
+                if (state.tree_size == 0 and state.name in self._unborn) or state.name in self._unreadable:
+                    continue  # nothing stated, or already reported as unreadable
                 out.append(
                     Problem(
                         path, None, None, f"{what} lists {state.name}, which is gone: the shard was deleted"
                     )
                 )
                 continue
-            size = reader.tree_size
-            if size < state.tree_size:
-                out.append(
-                    Problem(
-                        path,
-                        None,
-                        state.tree_size,
-                        f"{what} states {state.tree_size} records, the shard holds {size}: rolled back",
-                    )
-                )
-                continue
-            current = reader.merkle_root(size)
             try:
-                proof = reader.prove_consistency(state.tree_size, size).path if state.tree_size else []
-            except (ValueError, CorruptionError) as e:
-                out.append(Problem(path, None, None, f"cannot prove the shard extends {what}: {e}"))
-                continue
-            if not merkle.verify_consistency(state.tree_size, size, state.root, current, list(proof)):
-                out.append(
-                    Problem(
-                        path,
-                        None,
-                        None,
-                        f"the shard's tree does not extend the root {what} states at size {state.tree_size}: "
-                        "rewritten",
-                    )
+                out.extend(self._check_shard(reader, state, what, path))
+            except Exception as e:  # verify never raises on content
+                out.append(Problem(path, None, None, f"cannot check the shard against {what}: {e}"))
+        return out
+
+    @staticmethod
+    def _check_shard(reader: AuditStore, state: ShardState, what: str, path: str) -> list[Problem]:
+        out: list[Problem] = []
+        size = reader.tree_size
+        if size < state.tree_size:
+            out.append(
+                Problem(
+                    path,
+                    None,
+                    state.tree_size,
+                    f"{what} states {state.tree_size} records, the shard holds {size}: rolled back",
                 )
+            )
+            return out
+        current = reader.merkle_root(size)
+        try:
+            proof = reader.prove_consistency(state.tree_size, size).path if state.tree_size else []
+        except (ValueError, CorruptionError) as e:
+            out.append(Problem(path, None, None, f"cannot prove the shard extends {what}: {e}"))
+            return out
+        if not merkle.verify_consistency(state.tree_size, size, state.root, current, list(proof)):
+            out.append(
+                Problem(
+                    path,
+                    None,
+                    None,
+                    f"the shard's tree does not extend the root {what} states at size {state.tree_size}: "
+                    "rewritten",
+                )
+            )
         return out
 
 

@@ -394,6 +394,15 @@ class TestSetIntegrity:
         shutil.copytree(tmp_path / "extra", checkpointed / name)
         assert any("outside the set's list" in r for r in _problems(checkpointed))
 
+    def test_unreadable_shard_is_reported_not_raised(self, checkpointed: Path) -> None:
+        """A shard that is not a store any more is a problem of verify; the other shards still read."""
+        (checkpointed / "shard-001" / "FORMAT").write_text("not json")
+        with AuditStore.open_reader(checkpointed) as reader:
+            assert sorted(reader.shards) == ["shard-000", "shard-002"]
+            assert len(list(reader.scan())) == 7
+        assert any("cannot be read" in r for r in _problems(checkpointed))
+        assert cli(["verify", str(checkpointed)]) == 1
+
     def test_edited_set_file_is_tampering(self, checkpointed: Path) -> None:
         """Any edit of the SET file (here: a larger limit) is reported."""
         info = orjson.loads((checkpointed / "SET").read_bytes())
