@@ -37,9 +37,10 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
+from . import pipeline as _pipeline_mod
 from .errors import ConfigError, PipelineClosedError, QueueFullError, ShardsBusyError
 from .metrics import Counter
-from .permissions import RoleLike
+from .permissions import PermissionPolicy, RoleLike
 from .pipeline import AuditHandle, AuditPipeline, PipelineConfig
 from .store import StoreConfig
 from .store._set import StoreSet, parse_shards_option, shard_name
@@ -167,16 +168,13 @@ class ShardedHandle(AuditHandle):
         try:
             index, store = self.set.acquire(lambda root: StoreConfig(root=root, sync=sync))
             try:
-                pipeline = AuditPipeline.start(
-                    store, config=PipelineConfig(queue_size=self._capacity), on_lost=self._on_lost
-                )
+                pipeline = _start_pipeline(store, PipelineConfig(queue_size=self._capacity), self._on_lost)
             except BaseException:
                 store.close()
                 raise
         except Exception as e:
             self._fail(e)
             return
-        _close_at_exit(None)  # again: our hook must run before the pipelines' own (LIFO)
         with self._lock:
             pending, self._pending = self._pending, []
             closing = self._state == _CLOSED
@@ -338,18 +336,36 @@ class ShardedHandle(AuditHandle):
         return out
 
 
-def _close_at_exit(handle: ShardedHandle | None) -> None:
+def _start_pipeline(store: Any, config: PipelineConfig, on_lost: Any) -> AuditPipeline:
+    """Starts a shard's pipeline *outside* the pipeline layer's exit hook.
+
+    ``AuditPipeline.start`` puts a pipeline in the registry its ``atexit`` hook closes.
+    A process exiting while its opener still moves the first records into the pipeline
+    (a short-lived ``multiprocessing`` worker; Python 3.13 runs ``atexit`` in forked
+    children) would have that hook seal the pipeline under the opener, and the records
+    would go to the fallback. This set's own hook closes its pipelines instead, after
+    waiting for the opener. The store's writer lock still keeps one writer per shard.
+    """
+    pipeline = AuditPipeline(
+        store, PermissionPolicy.allow_all(), config, on_lost, os.path.realpath(store.root)
+    )
+    _pipeline_mod._every.add(pipeline)  # so a fork marks it foreign in the child
+    pipeline._thread.start()
+    return pipeline
+
+
+def _close_at_exit(handle: ShardedHandle) -> None:
     """Makes sure records still waiting for a shard are stored when the process exits.
 
-    ``atexit`` (re-registered so it runs before the pipelines' own hook, which would seal
-    a pipeline the opener is still filling); and, for ``multiprocessing`` workers, which
-    leave through ``os._exit`` after running ``multiprocessing.util``'s finalisers, a
-    ``Finalize`` for ``handle``.
+    ``atexit`` (which closes this set's pipelines: they are not in the pipeline layer's
+    registry, see :func:`_start_pipeline`); and, for ``multiprocessing`` workers, which
+    leave through ``os._exit`` after running ``multiprocessing.util``'s finalisers (and,
+    before 3.13, no ``atexit``), a ``Finalize`` for ``handle``.
     """
     atexit.unregister(_close_all_at_exit)
     atexit.register(_close_all_at_exit)
     util = sys.modules.get("multiprocessing.util")
-    if handle is None or util is None:
+    if util is None:
         return
     try:
         util.Finalize(None, handle.close, exitpriority=10)
