@@ -115,7 +115,33 @@ class TestSetFile:
             StoreSet.open(set_root, shards=bad)
 
 
+def _create_at_once(root: str, limit: int, barrier: Any, out: Any) -> None:
+    barrier.wait()
+    out.put(StoreSet.open(root, shards=limit).limit)
+
+
 class TestAcquire:
+    @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+    def test_processes_creating_a_set_at_once_agree(self, set_root: Path) -> None:
+        """Four processes creating one set at once: one SET file, one limit, one first checkpoint."""
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("fork")
+        barrier, out = ctx.Barrier(4), ctx.Queue()
+        procs = [
+            ctx.Process(target=_create_at_once, args=(str(set_root), 2 + k, barrier, out)) for k in range(4)
+        ]
+        for p in procs:
+            p.start()
+        limits = [out.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+        info = orjson.loads((set_root / "SET").read_bytes())
+        assert limits == [info["shards"]] * 4 and info["shards"] in (2, 3, 4, 5)
+        assert len(StoreSet.open(set_root).checkpoints()) == 1
+        assert sorted(os.listdir(set_root)) == ["SET", "SET.lock", "set-checkpoints.jsonl"]
+
     def test_takes_the_first_free_shard_in_order(self, set_root: Path) -> None:
         """Each acquire takes the lowest shard whose lock is free."""
         s = StoreSet.open(set_root, shards=3)
@@ -481,6 +507,9 @@ class TestCli:
         assert cli(["export", str(set_root)]) == 0
         exported = [orjson.loads(x) for x in capsys.readouterr().out.splitlines()]
         assert len(exported) == 5 and {x["shard"] for x in exported} == {"shard-000", "shard-001"}
+        assert cli(["tail", str(set_root), "-n", "2", "--json"]) == 0
+        tail = [orjson.loads(x) for x in capsys.readouterr().out.splitlines()]
+        assert [(x["$shard"], x["seq"]) for x in tail] == [("shard-001", 1), ("shard-000", 2)]
         assert cli(["stats", str(set_root), "--json"]) == 0
         assert orjson.loads(capsys.readouterr().out)["records"] == 5
         assert cli(["prove", str(set_root), "1"]) == 2
