@@ -37,11 +37,11 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
-from . import pipeline as _pipeline_mod
 from .errors import ConfigError, PipelineClosedError, QueueFullError, ShardsBusyError
 from .metrics import Counter
 from .permissions import PermissionPolicy, RoleLike
 from .pipeline import AuditHandle, AuditPipeline, PipelineConfig
+from .pipeline import _every as _all_pipelines
 from .store import StoreConfig
 from .store._set import StoreSet, parse_shards_option, shard_name
 
@@ -349,7 +349,7 @@ def _start_pipeline(store: Any, config: PipelineConfig, on_lost: Any) -> AuditPi
     pipeline = AuditPipeline(
         store, PermissionPolicy.allow_all(), config, on_lost, os.path.realpath(store.root)
     )
-    _pipeline_mod._every.add(pipeline)  # so a fork marks it foreign in the child
+    _all_pipelines.add(pipeline)  # so a fork marks it foreign in the child
     pipeline._thread.start()
     return pipeline
 
