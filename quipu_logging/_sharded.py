@@ -20,10 +20,13 @@ the opener then moves them, in order, into the pipeline.
 * **Accounting**: :meth:`metrics` adds this handle's own counters (records rejected
   before the pipeline ran, or handed off when no shard could be taken) to the
   pipeline's, so the pipeline's identities hold for the sum.
-* **Exit**: pipelines close at interpreter exit (``atexit``); ``multiprocessing``
-  workers leave through ``os._exit``, which skips ``atexit``, so a shard opened in a
-  process that has imported ``multiprocessing`` also registers a
-  ``multiprocessing.util.Finalize`` that closes it.
+* **Exit**: the set's own ``atexit`` hook waits for a shard being taken, then closes
+  this process's shard pipeline (which drains, fsyncs and checkpoints). Shard pipelines
+  are kept out of the pipeline layer's exit hook (see :func:`_start_pipeline`).
+  ``multiprocessing`` workers leave through ``os._exit`` after running
+  ``multiprocessing.util``'s finalisers (and, before Python 3.13, no ``atexit``), so a
+  process that has imported ``multiprocessing`` also registers a ``Finalize`` that
+  closes its shard.
 """
 
 from __future__ import annotations
