@@ -1,5 +1,6 @@
 # The two commands of the README:
-#   make demo   runs the main job (examples/demo.py) in a fresh .venv
+#   make demo   runs the main job (examples/demo.py) in a fresh .venv; DEMO_ARGS="--workers 4" runs
+#               the service as 4 worker processes writing one store set
 #   make test   installs the package (built as a wheel, not editable) into .venv and runs the
 #               whole suite from outside the checkout, so the installed package is what is tested
 PYTHON ?= python3
@@ -8,6 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SRC    := $(shell find quipu_logging -name '*.py' -o -name py.typed) setup.cfg pyproject.toml README.md
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: test demo bench crash soak lint typecheck check clean
 
@@ -25,7 +27,7 @@ test: $(STAMP)
 		-c $(CURDIR)/pyproject.toml --rootdir $(CURDIR) $(CURDIR)/tests $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/demo.py $(DEMO_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/store.py

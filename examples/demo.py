@@ -21,6 +21,10 @@
 Everything it writes is under one directory, named first thing (default: a fresh
 temporary directory, kept so you can look at it; ``--dir`` to choose, which must be empty
 or absent). ``--requests`` sets the request count (default 20,000).
+
+``--workers N`` runs the service with N worker processes writing one store set (one shard
+each, see README "Multi-process servers"); the counts are checked the same way, and the
+writer-pause burst is left out (pausing one worker's writer would show nothing new).
 """
 
 from __future__ import annotations
@@ -144,10 +148,19 @@ def show(title: str, result: subprocess.CompletedProcess[str], limit: int = 12) 
         print(f"  ... {len(lines) - limit} more lines")
 
 
-def start_service(directory: Path, queue_size: int) -> tuple[subprocess.Popen[str], int]:
+def start_service(directory: Path, queue_size: int, workers: int = 1) -> tuple[subprocess.Popen[str], int]:
     log = (directory / "service.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, str(SERVICE), "--dir", str(directory), "--queue-size", str(queue_size)],
+        [
+            sys.executable,
+            str(SERVICE),
+            "--dir",
+            str(directory),
+            "--queue-size",
+            str(queue_size),
+            "--workers",
+            str(workers),
+        ],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
@@ -213,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8, help="concurrent keep-alive clients (default 8)")
     parser.add_argument("--burst", type=int, help="requests sent while the writer is paused (default 1/5)")
     parser.add_argument("--queue-size", type=int, default=512, help="the service's audit queue (default 512)")
+    parser.add_argument("--workers", type=int, default=1, help="service worker processes (default 1)")
     args = parser.parse_args(argv)
     if args.requests < 10 or args.clients < 1:
         parser.error("--requests must be at least 10 and --clients at least 1")
@@ -231,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo directory: {directory}  (everything the demo writes goes here)")
     began = time.perf_counter()
 
-    proc, port = start_service(directory, args.queue_size)
+    proc, port = start_service(directory, args.queue_size, args.workers)
     print(f"service: pid {proc.pid} listening on 127.0.0.1:{port}, audit queue of {args.queue_size} records")
+    if args.workers > 1:
+        print(f"  {args.workers} worker processes, one shard each of the store set {root}")
     clients = [Client(port) for _ in range(args.clients)]
     admin = Client(port)
     traffic = Traffic(clients)
@@ -240,13 +256,17 @@ def main(argv: list[str] | None = None) -> int:
         normal = args.requests - burst
         first = normal // 2
         print(f"driving {args.requests:,} requests from {args.clients} keep-alive clients ...")
-        seconds = traffic.run(first)
-        assert admin.send("POST", "/admin/writer/pause", "admin") == 200, "could not pause the writer"
-        seconds += traffic.run(burst)
-        print(f"  burst of {burst:,} requests sent while the audit writer was paused")
-        assert admin.send("POST", "/admin/writer/resume", "admin") == 200, "could not resume the writer"
-        seconds += traffic.run(normal - first)
-        admin_requests = 2
+        if args.workers > 1:
+            seconds = traffic.run(args.requests)
+            admin_requests = 0
+        else:
+            seconds = traffic.run(first)
+            assert admin.send("POST", "/admin/writer/pause", "admin") == 200, "could not pause the writer"
+            seconds += traffic.run(burst)
+            print(f"  burst of {burst:,} requests sent while the audit writer was paused")
+            assert admin.send("POST", "/admin/writer/resume", "admin") == 200, "could not resume the writer"
+            seconds += traffic.run(normal - first)
+            admin_requests = 2
     finally:
         for c in [*clients, admin]:
             c.close()
@@ -280,17 +300,22 @@ def main(argv: list[str] | None = None) -> int:
     newest = found[0] if found else None
     proof_file = directory / "proof.json"
     seq = newest["seq"] if newest else 0
+    shard = ["--shard", str(newest["$shard"])] if newest and "$shard" in newest else []
     with proof_file.open("w") as out:
-        prove = run_cli("prove", str(root), str(seq), stdout=out)
-    show(f"quipu-log prove {root} {seq} > {proof_file}", prove)
+        prove = run_cli("prove", str(root), str(seq), *shard, stdout=out)
+    show(f"quipu-log prove {root} {seq} {' '.join(shard)} > {proof_file}", prove)
     if prove.returncode == 0:
         proof = json.loads(proof_file.read_text())
         print(
             f"  {proof_file.name}: seq {proof['seq']} in a tree of {proof['tree_size']:,}, "
             f"{len(proof['path'])} hashes on its audit path"
         )
-    check_proof = run_cli("prove", "--check", str(proof_file), "--root", str(report.get("root", "")))
-    show(f"quipu-log prove --check {proof_file} --root {str(report.get('root', ''))[:16]}...", check_proof)
+    trusted = str(report.get("root", ""))
+    if shard:  # a store set: the proof is against its shard's tree, verified on its own
+        shard_verify = run_cli("verify", str(root / shard[1]), "--json")
+        trusted = str(json.loads(shard_verify.stdout).get("root", "")) if shard_verify.returncode == 0 else ""
+    check_proof = run_cli("prove", "--check", str(proof_file), "--root", trusted)
+    show(f"quipu-log prove --check {proof_file} --root {trusted[:16]}...", check_proof)
     stats = run_cli("stats", str(root))
     show(f"quipu-log stats {root}", stats)
 
@@ -323,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{events_stored:,} business events, {stored['system']} system: {stored['gaps']} gap)  "
         f"{check(ok, 'stored records != written, or records lost', failures)}"
     )
-    ok = diverted == fallback_lines == stored["gap_total"] and diverted > 0
+    ok = diverted == fallback_lines == stored["gap_total"] and (diverted > 0 or args.workers > 1)
     why = {"full": "queue full"}
     reasons = ", ".join(
         f"{why.get(name[9:], name[9:])}: {n:,}"

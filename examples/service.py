@@ -23,9 +23,15 @@ for the demo, as ``admin``: ``POST /admin/writer/pause`` and ``/admin/writer/res
 (hold the audit writer, as a stalled disk would, so a burst overflows the queue) and
 ``GET /admin/metrics``.
 
-Run it with ``python examples/service.py --dir DIR [--port N] [--queue-size N]``; it prints
-one JSON line ``{"port": ..., "pid": ...}`` when it listens (on 127.0.0.1 only), and on exit
-writes ``DIR/service-metrics.json``. ``examples/demo.py`` drives it (``make demo``).
+Run it with ``python examples/service.py --dir DIR [--port N] [--queue-size N] [--workers N]``;
+it prints one JSON line ``{"port": ..., "pid": ...}`` when it listens (on 127.0.0.1 only), and
+on exit writes ``DIR/service-metrics.json``. ``examples/demo.py`` drives it (``make demo``).
+
+With ``--workers N`` (N > 1) it runs like ``gunicorn --preload``: the parent configures
+logging once, with ``shards="auto"`` (the store becomes a store set), binds the socket and
+forks N worker processes that share it; each worker takes its own shard at its first
+record. SIGTERM to the parent stops every worker cleanly; ``service-metrics.json`` then
+holds the workers' counters added up.
 """
 
 from __future__ import annotations
@@ -56,8 +62,20 @@ from quipu_logging.testing import paused
 ACCESS = logging.getLogger("service.access")
 
 
-def logging_config(directory: Path, queue_size: int) -> dict[str, Any]:
-    """The service's logging: the audit handler, its fallback file and the context filter."""
+def logging_config(directory: Path, queue_size: int, shards: str | None = None) -> dict[str, Any]:
+    """The service's logging: the audit handler, its fallback file and the context filter.
+
+    ``shards="auto"`` makes the store a store set, for several worker processes.
+    """
+    audit: dict[str, Any] = {
+        "class": "quipu_logging.AuditHandler",
+        "root": str(directory / "audit"),
+        "queue_size": queue_size,
+        "fallback": "audit_fallback",
+        "filters": ["audit_context"],
+    }
+    if shards is not None:
+        audit["shards"] = shards
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -68,13 +86,7 @@ def logging_config(directory: Path, queue_size: int) -> dict[str, Any]:
             "audit_json": {"()": "quipu_logging.AuditJsonFormatter"},
         },
         "handlers": {
-            "audit": {
-                "class": "quipu_logging.AuditHandler",
-                "root": str(directory / "audit"),
-                "queue_size": queue_size,
-                "fallback": "audit_fallback",
-                "filters": ["audit_context"],
-            },
+            "audit": audit,
             "audit_fallback": {
                 "class": "logging.FileHandler",
                 "filename": str(directory / "fallback.jsonl"),
@@ -336,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path, help="where the store and the fallback file go")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--queue-size", type=int, default=4096, help="the audit queue's capacity")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     args = parser.parse_args(argv)
     directory: Path = args.dir
     directory.mkdir(parents=True, exist_ok=True)
+    if args.workers > 1:
+        return serve_workers(directory, args.queue_size, args.port, args.workers)
 
     # SIGTERM (docker stop, systemd, Kubernetes) becomes SystemExit in the main thread,
     # so the finally block below runs instead of the process dying with records queued.
@@ -374,6 +389,76 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _report(server: Service, handler: AuditHandler, started: float) -> dict[str, Any]:
+    metrics = handler.metrics()
+    metrics.pop("write_latency", None)
+    return {
+        "requests_served": server.requests_served,
+        "uptime_s": round(time.monotonic() - started, 3),
+        "audit": metrics,
+    }
+
+
+def serve_workers(directory: Path, queue_size: int, port: int, workers: int) -> int:
+    """``--workers N``: configure once, bind once, fork N workers (as ``gunicorn --preload``)."""
+    logging.config.dictConfig(logging_config(directory, queue_size, shards="auto"))
+    handler = audit_handler()
+    configure_structlog(handler)
+    server = Service(("127.0.0.1", port), DocumentApp(handler))
+    pids = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve until SIGTERM, then close its own shard
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+                server.app = DocumentApp(handler)  # per-process state
+                started = time.monotonic()
+                try:
+                    server.serve_forever(poll_interval=0.2)
+                except (SystemExit, KeyboardInterrupt):
+                    pass
+                finally:
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    server.end_idle_connections()
+                    server.server_close()
+                    logging.shutdown()  # this worker's shard: drained, fsynced, checkpointed
+                    report = _report(server, handler, started)
+                    (directory / f"service-metrics-{os.getpid()}.json").write_text(json.dumps(report))
+                code = 0
+            finally:
+                os._exit(code)  # never run the parent's code in a worker
+        pids.append(pid)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    print(json.dumps({"port": server.server_address[1], "pid": os.getpid(), "workers": pids}), flush=True)
+    status = 0
+    try:
+        while pids:
+            done, code = os.wait()
+            if done in pids:
+                pids.remove(done)
+                status = status or os.waitstatus_to_exitcode(code)
+    except (SystemExit, KeyboardInterrupt):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        for pid in pids:
+            _, code = os.waitpid(pid, 0)
+            status = status or os.waitstatus_to_exitcode(code)
+    server.server_close()
+    logging.shutdown()
+    total: dict[str, Any] = {"requests_served": 0, "workers": 0, "audit": {}}
+    for path in sorted(directory.glob("service-metrics-*.json")):
+        report = json.loads(path.read_text())
+        total["workers"] += 1
+        total["requests_served"] += report["requests_served"]
+        for key, value in report["audit"].items():
+            if isinstance(value, int) and not isinstance(value, bool):
+                total["audit"][key] = total["audit"].get(key, 0) + value
+    (directory / "service-metrics.json").write_text(json.dumps(total, indent=2, sort_keys=True))
+    return status
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .errors import (
     QueryError,
     QueueFullError,
     QuipuError,
+    ShardsBusyError,
     StoreBrokenError,
     StoreClosedError,
     StoreLockedError,
@@ -36,7 +37,16 @@ from .formatter import AuditJsonFormatter
 from .handler import AuditHandler
 from .permissions import Action, PermissionPolicy, Role
 from .pipeline import AuditHandle, AuditPipeline, PipelineConfig
-from .store import AuditStore, Checkpoint, RetentionPolicy, StoreConfig, SyncPolicy
+from .store import (
+    AuditStore,
+    Checkpoint,
+    RetentionPolicy,
+    SetCheckpoint,
+    StoreConfig,
+    StoreSet,
+    StoreSetReader,
+    SyncPolicy,
+)
 
 __all__ = [
     "Action",
@@ -67,10 +77,14 @@ __all__ = [
     "Receipt",
     "RetentionPolicy",
     "Role",
+    "SetCheckpoint",
+    "ShardsBusyError",
     "StoreBrokenError",
     "StoreClosedError",
     "StoreConfig",
     "StoreLockedError",
+    "StoreSet",
+    "StoreSetReader",
     "StoredRecord",
     "SyncPolicy",
     "UnsupportedFilesystemError",

@@ -51,6 +51,8 @@ class StoredRecord:
         leaf_hash: ``SHA-256(0x00 || raw)``.
         raw: the exact stored payload bytes (what the Merkle leaf covers).
         payload: ``raw`` decoded as JSON.
+        shard: read from a store set: the shard it came from (``"shard-001"``; ``seq`` is
+            its index in that shard's tree); ``None`` for a single store.
     """
 
     seq: int
@@ -58,6 +60,7 @@ class StoredRecord:
     leaf_hash: bytes
     raw: bytes
     payload: dict[str, Any]
+    shard: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,12 @@ Read commands (``verify``, ``query``, ``tail``, ``export``, ``prove``, ``stats``
 take no lock and work on a live store. ``checkpoint`` and ``retention`` need the
 writer lock and refuse a live store.
 
+Every command also takes the root of a store set (``AuditHandler(shards=...)``):
+reads merge the shards (JSON records then carry ``"$shard"``), ``verify`` checks
+every shard and the set checkpoints, ``prove`` needs ``--shard``, ``checkpoint``
+writes a set checkpoint under the set's own lock (the shard writers go on), and
+``retention`` needs every shard offline.
+
 Exit codes: 0 intact / ok; 1 a content problem (tampering, corruption, a bad
 header, a failed proof); 2 a usage error, an unreadable path, a directory that
 is not a store, an unsupported format version, or a command that needs the
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -35,10 +42,11 @@ from .errors import (
     QuipuError,
     StoreLockedError,
 )
-from .store import AuditStore, RetentionPolicy, StoreConfig, merkle
+from .store import AuditStore, RetentionPolicy, StoreConfig, StoreSet, merkle
 from .store._checkpoint import Checkpoint
 from .store._config import parse_duration_us
 from .store._lock import is_locked, read_holder_pid
+from .store._set import SetCheckpoint, is_set_root
 
 __all__ = ["main"]
 
@@ -157,6 +165,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("seq", nargs="?", type=int, help="the record to prove")
     p.add_argument("--size", type=int, help="tree size to prove against (default: now)")
     p.add_argument("--consistency", nargs="+", type=int, metavar=("OLD", "NEW"), help="OLD [NEW]")
+    p.add_argument("--shard", metavar="NAME", help="with a store set: the shard (shard-001 or 1)")
     p.add_argument("--check", metavar="FILE", help="check a proof file offline")
     p.add_argument("--root", dest="trusted_root", metavar="HEX", help="with --check: the root you trust")
 
@@ -245,6 +254,9 @@ def _json_line(obj: Any) -> str:
 
 
 def _record_json(rec: StoredRecord) -> str:
+    if rec.shard is not None:
+        # "$" keys are the library's own: a user field can never be called "$shard".
+        return _json_line({**rec.payload, "$shard": rec.shard})
     return _json_line(rec.payload)
 
 
@@ -286,7 +298,7 @@ def _print_table(records: Sequence[StoredRecord], out: TextIO) -> None:
         }
         rows.append(
             [
-                str(rec.seq),
+                f"{rec.shard}:{rec.seq}" if rec.shard is not None else str(rec.seq),
                 _when(rec.ts),
                 _printable(str(p.get("level", ""))),
                 _printable(str(p.get("logger", ""))),
@@ -311,9 +323,9 @@ def _warn_unreadable(store: AuditStore, root: str, info: dict[str, Any] | None =
 
     Not for a live store, where the spine may run ahead of a reader's snapshot of the segments.
     """
-    if is_locked(root):
+    if not is_set_root(root) and is_locked(root):
         return
-    missing = (info or store.stats())["unreadable"]
+    missing = (info or store.stats()).get("unreadable", 0)
     if missing:
         print(
             f"quipu-log: warning: {missing:,} record(s) of the Merkle tree could not be read and are "
@@ -328,6 +340,12 @@ def _want_json(args: argparse.Namespace) -> bool:
 
 def _require_offline(root: str) -> None:
     """Commands that take the writer lock refuse a live store with exit 2."""
+    if is_set_root(root):
+        for index in StoreSet.open(root, create=False).shard_indices():
+            shard = os.path.join(root, f"shard-{index:03d}")
+            if is_locked(shard):
+                raise UsageError(_live_message(shard, read_holder_pid(shard)))
+        return
     if os.path.isdir(root) and is_locked(root):
         raise UsageError(_live_message(root, read_holder_pid(root)))
     if not os.path.isfile(os.path.join(root, "FORMAT")):
@@ -359,9 +377,14 @@ def _verify(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--anchor: {args.anchor!r} is not a text file holding a checkpoint line"
             ) from None
+        # A file that holds no checkpoint line at all is a usage error, not tampering.
+        lines = [line for line in anchor.splitlines() if line.strip()]
+        parse = SetCheckpoint.from_json if is_set_root(args.root) else Checkpoint.from_json
         try:
-            Checkpoint.from_json(anchor)  # a file that holds no checkpoint is a usage error, not tampering
-        except ValueError as e:
+            if not lines or not lines[-1].lstrip().startswith("{"):
+                raise ValueError("no JSON line in it")
+            parse(lines[-1])
+        except (ValueError, TypeError, KeyError) as e:
             raise UsageError(f"--anchor: {args.anchor!r} does not hold a checkpoint line: {e}") from None
     bar = _ProgressBar() if sys.stderr.isatty() and not args.json else None
     with _open_reader(args.root) as store:
@@ -477,6 +500,8 @@ def _tail(args: argparse.Namespace) -> int:
         _emit(last, as_json)
         if not args.follow:
             return EXIT_OK
+        if is_set_root(args.root):
+            return _follow_set(store, last, as_json, args.interval)
         position = last[-1].seq if last else store.tree_size - 1
         try:
             while True:
@@ -488,6 +513,32 @@ def _tail(args: argparse.Namespace) -> int:
                 time.sleep(args.interval)  # polling: the reader has no way to be woken by the writer
         except KeyboardInterrupt:
             return EXIT_OK
+
+
+def _follow_set(store: AuditStore, last: list[StoredRecord], as_json: bool, interval: float) -> int:
+    """``tail -f`` of a store set: each shard followed from its own position, merged by time."""
+    shards: dict[str, AuditStore] = getattr(store, "shards", {})
+    positions = {name: shard.tree_size - 1 for name, shard in shards.items()}
+    for rec in last:
+        if rec.shard is not None:
+            positions[rec.shard] = max(positions.get(rec.shard, -1), rec.seq)
+    try:
+        while True:
+            store.refresh()
+            fresh = []
+            for name, shard in getattr(store, "shards", {}).items():
+                got = [
+                    dataclasses.replace(r, shard=name) for r in _records_after(shard, positions.get(name, -1))
+                ]
+                if got:
+                    positions[name] = got[-1].seq
+                    fresh.extend(got)
+            fresh.sort(key=lambda r: (r.ts, r.shard or "", r.seq))
+            if fresh:
+                _emit(fresh, as_json)
+            time.sleep(interval)  # polling: the reader has no way to be woken by the writers
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def _records_after(store: AuditStore, position: int) -> Iterator[StoredRecord]:
@@ -516,17 +567,15 @@ def _export(args: argparse.Namespace) -> int:
             while True:
                 page = store.query(since=since, until=until, newest_first=False, limit=1000, cursor=cursor)
                 for rec in page.records:
-                    out.write(
-                        _json_line(
-                            {
-                                "seq": rec.seq,
-                                "leaf_hash": rec.leaf_hash.hex(),
-                                "raw": base64.b64encode(rec.raw).decode("ascii"),
-                                "record": rec.payload,
-                            }
-                        )
-                        + "\n"
-                    )
+                    line = {
+                        "seq": rec.seq,
+                        "leaf_hash": rec.leaf_hash.hex(),
+                        "raw": base64.b64encode(rec.raw).decode("ascii"),
+                        "record": rec.payload,
+                    }
+                    if rec.shard is not None:
+                        line["shard"] = rec.shard
+                    out.write(_json_line(line) + "\n")
                     count += 1
                 if page.next_cursor is None:
                     break
@@ -544,7 +593,15 @@ def _prove(args: argparse.Namespace) -> int:
         return _check_proof(args, args.check, args.trusted_root)
     if not args.root:
         raise UsageError("prove: give ROOT and SEQ, ROOT --consistency OLD [NEW], or --check FILE")
-    with _open_reader(args.root) as store:
+    root = args.root
+    if args.shard is not None:
+        if not is_set_root(root):
+            raise UsageError(f"--shard: {root!r} is not a store set")
+        name = f"shard-{int(args.shard):03d}" if args.shard.isdigit() else args.shard
+        root = os.path.join(root, name)
+        if not os.path.isdir(root):
+            raise UsageError(f"--shard: the set has no shard {name!r}")
+    with _open_reader(root) as store:
         if args.consistency:
             if len(args.consistency) > 2:
                 raise UsageError("--consistency takes OLD and optionally NEW")
@@ -619,14 +676,11 @@ def _check_proof(args: argparse.Namespace, path: str, trusted_root: str | None) 
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    _require_offline(args.root)
-    try:
-        store = AuditStore.open(StoreConfig(root=args.root, signing_key=args.key))
-    except StoreLockedError as e:
-        raise UsageError(_live_message(args.root, e.pid)) from None
-    with store:
-        cp = store.checkpoint()
-    line = cp.to_json()
+    if is_set_root(args.root):
+        # The set's own lock, never a shard's: the shard writers go on meanwhile.
+        line = StoreSet.open(args.root, create=False).checkpoint(signing_key=args.key).to_json()
+    else:
+        line = _store_checkpoint(args)
     print(line)
     if args.export:
         with open(args.export, "w", encoding="utf-8") as f:
@@ -635,30 +689,59 @@ def _checkpoint(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _store_checkpoint(args: argparse.Namespace) -> str:
+    _require_offline(args.root)
+    try:
+        store = AuditStore.open(StoreConfig(root=args.root, signing_key=args.key))
+    except StoreLockedError as e:
+        raise UsageError(_live_message(args.root, e.pid)) from None
+    with store:
+        cp = store.checkpoint()
+    return cp.to_json()
+
+
 def _retention(args: argparse.Namespace) -> int:
     if args.max_age is None and args.max_bytes is None:
         raise UsageError("retention: give --max-age and/or --max-bytes")
     policy = RetentionPolicy(max_age=args.max_age, max_bytes=args.max_bytes)
     _require_offline(args.root)
-    try:
-        store = AuditStore.open(args.root)
-    except StoreLockedError as e:
-        raise UsageError(_live_message(args.root, e.pid)) from None
-    with store:
-        removed = store.apply_retention(policy)
+    removed = 0
+    for root in _store_roots(args.root):
+        try:
+            store = AuditStore.open(root)
+        except StoreLockedError as e:
+            raise UsageError(_live_message(root, e.pid)) from None
+        with store:
+            removed += store.apply_retention(policy)
     print(f"removed {removed} sealed segment(s)")
     return EXIT_OK
+
+
+def _store_roots(root: str) -> list[str]:
+    """The store directories behind ``root``: itself, or a set's shards."""
+    if not is_set_root(root):
+        return [root]
+    found = StoreSet.open(root, create=False)
+    return [
+        found.shard_root(i)
+        for i in found.shard_indices()
+        if os.path.isfile(os.path.join(found.shard_root(i), "FORMAT"))
+    ]
 
 
 def _stats(args: argparse.Namespace) -> int:
     with _open_reader(args.root) as store:
         info = store.stats()
         _warn_unreadable(store, args.root, info)
-    dlq_dir = os.path.join(args.root, "dlq")
-    dlq_files = [n for n in os.listdir(dlq_dir)] if os.path.isdir(dlq_dir) else []
-    info["dlq_files"] = len(dlq_files)
-    info["dlq_bytes"] = sum(os.path.getsize(os.path.join(dlq_dir, n)) for n in dlq_files)
-    info["live"] = is_locked(args.root)
+    roots = _store_roots(args.root)
+    dlq_paths: list[str] = []
+    for root in roots:
+        dlq_dir = os.path.join(root, "dlq")
+        if os.path.isdir(dlq_dir):
+            dlq_paths.extend(os.path.join(dlq_dir, n) for n in os.listdir(dlq_dir))
+    info["dlq_files"] = len(dlq_paths)
+    info["dlq_bytes"] = sum(os.path.getsize(p) for p in dlq_paths)
+    info["live"] = any(is_locked(root) for root in roots)
     if args.json:
         print(_json_line(info))
         return EXIT_OK
@@ -676,6 +759,10 @@ def _stats(args: argparse.Namespace) -> int:
         ("dead letters", f"{info['dlq_files']} file(s), {info['dlq_bytes']:,} bytes"),
         ("live", "yes (a writer holds the lock)" if info["live"] else "no"),
     ]
+    if info.get("set"):
+        live = sum(1 for root in roots if is_locked(root))
+        lines.insert(0, ("shards", f"{len(info['shards'])} of at most {info['shard_limit']} ({live} live)"))
+        lines[-3] = ("last set checkpoint", lines[-3][1])
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key.ljust(width)}  {value}")

@@ -24,6 +24,7 @@ __all__ = [
     "QueryError",
     "QueueFullError",
     "QuipuError",
+    "ShardsBusyError",
     "StoreBrokenError",
     "StoreClosedError",
     "StoreLockedError",
@@ -54,6 +55,35 @@ class StoreLockedError(QuipuError, RuntimeError):
         super().__init__(
             f"store {root!r} is already open for writing{holder}; an AuditStore has exactly one "
             "writer: close the other one, or open this one with AuditStore.open_reader()"
+        )
+
+
+class ShardsBusyError(StoreLockedError):
+    """Every shard of a store set is held by another writer: this process gets none.
+
+    Attributes:
+        root: the set's root directory.
+        limit: the set's shard limit (from its ``SET`` file).
+        pids: the pids recorded by the shards' holders, in shard order (``None`` when unreadable).
+        skipped: shards that could not be opened for another reason, one sentence each.
+    """
+
+    def __init__(
+        self, root: str, limit: int, pids: list[int | None], skipped: list[str] | None = None
+    ) -> None:
+        self.limit = limit
+        self.pids = pids
+        self.skipped = list(skipped or ())
+        QuipuError.__init__(self)
+        self.root = root
+        self.pid = None
+        known = sorted({p for p in pids if p is not None})
+        holders = ", ".join(str(p) for p in known) if known else "unknown"
+        extra = f"; also skipped: {'; '.join(self.skipped)}" if self.skipped else ""
+        self.args = (
+            f"all {limit} shards of store set {root!r} are busy (held by pids {holders}){extra}: "
+            "every process writing a set needs a shard of its own. Run fewer worker processes, or "
+            "start a new set root with a larger shards= limit",
         )
 
 

@@ -35,7 +35,9 @@ writer lock, a permission problem), the handler is still built, so ``dictConfig`
 not crash the application: it says so once on stderr, naming the root and the lock
 holder's pid, and sends its records to the fallback. In a child process after
 ``os.fork()`` the inherited handler never writes the parent's store: the child's records
-go to the fallback with one warning. Warnings about diverted records are written to
+go to the fallback with one warning. With ``shards=``, ``root`` is a store set instead
+(``_sharded.py``): every process, forked children included, takes a shard of its own at
+its first record. Warnings about diverted records are written to
 stderr at most once a minute per handler and reason, with a count of those held back.
 """
 
@@ -52,11 +54,14 @@ from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any, Final
 
+from . import _sharded
 from .errors import ConfigError, PermissionDeniedError, PipelineClosedError, QueueFullError
 from .formatter import CORE_KEYS, TRUNCATED, AuditJsonFormatter, check_formatter_options
 from .metrics import Counter
 from .pipeline import AuditHandle, AuditPipeline, PipelineConfig
 from .store import StoreConfig, SyncPolicy
+from .store._checkpoint import Signer
+from .store._set import parse_shards_option
 
 __all__ = ["AuditHandler"]
 
@@ -261,7 +266,12 @@ class AuditHandler(logging.Handler):
         flush_timeout: seconds :meth:`flush` and :meth:`close` wait by default.
         max_field_chars: longer string (and bytes) fields are cut to this length and listed
             under ``"$truncated"``; ``None`` keeps them whole.
-        shards: reserved for multi-process servers; must be ``None`` in this release.
+        shards: ``"auto"`` or a number makes ``root`` a store set for multi-process
+            servers: every process (a forked child, the parent of forked workers, a
+            spawned worker) takes the first free single-writer shard at its first record
+            (see README, "Multi-process servers"). The number is the most shards the set
+            may have, fixed when the set is created; ``"auto"`` = the larger of 8 and
+            2 x CPU count. ``None``: ``root`` is one store, written by this process only.
         signing_key: path of a PEM Ed25519 private key (``pip install
             'quipu_logging[crypto]'``) that signs every checkpoint the store writes (on seal,
             after retention, on close); ``None`` writes unsigned checkpoints. An unreadable
@@ -314,6 +324,8 @@ class AuditHandler(logging.Handler):
         self.queue_size = queue_size
         self.sync = str(SyncPolicy.parse(sync))
         self.signing_key = None if signing_key is None else os.path.realpath(os.fspath(signing_key))
+        if self.signing_key is not None:
+            Signer(self.signing_key)  # load it now: a bad key is a ConfigError at configuration time
         self.formatter = audit_formatter
         self._mapper = audit_formatter
         self._fallback_spec = _config_name(fallback) if isinstance(fallback, Mapping) else fallback
@@ -331,6 +343,8 @@ class AuditHandler(logging.Handler):
         self._pid = os.getpid()
         self._audit_closed = False
         self._shared: _Shared | None = None
+        self._set_handle: _sharded.ShardedHandle | None = None
+        self._closed_set: _sharded.ShardedHandle | None = None
         self._handle: AuditHandle | None = None
         self._pipeline: AuditPipeline | None = None
         self.unavailable: str | None = None
@@ -359,7 +373,10 @@ class AuditHandler(logging.Handler):
         else:
             assert root is not None
             self.root = os.path.realpath(os.fspath(root))
-            self._attach(self.root)
+            if shards is not None:
+                self._attach_set(self.root, shards)
+            else:
+                self._attach(self.root)
 
     # ------------------------------------------------------------------ pipeline sharing
 
@@ -403,6 +420,25 @@ class AuditHandler(logging.Handler):
             assert pipeline is not None
             self._pipeline = pipeline
             self._handle = pipeline.handle()
+
+    def _attach_set(self, root: str, shards: Any) -> None:
+        """Joins this process's handle on the store set ``root``; no shard is taken yet."""
+        try:
+            handle = _sharded.attach(
+                root,
+                shards=shards,
+                sync=self.sync,
+                queue_size=self.queue_size,
+                on_lost=self._hand_off_lost,
+                signing_key=self.signing_key,
+            )
+        except ConfigError:
+            raise
+        except Exception as exc:
+            self._mark_unavailable(root, exc)
+            return
+        self._set_handle = handle
+        self._handle = handle
 
     def _mark_unavailable(self, root: str, exc: BaseException) -> None:
         pid = getattr(exc, "pid", None)
@@ -506,7 +542,10 @@ class AuditHandler(logging.Handler):
     def _refusal(self, local: _Local) -> str | None:
         """Why this record cannot go to the pipeline from here, or ``None`` when it can."""
         if self._generation != _fork_generation:
-            return "forked"
+            if self._set_handle is None:
+                return "forked"
+            # A store set follows the fork: the child takes a shard of its own.
+            self._generation = _fork_generation
         if self._handle is None:
             return "unavailable" if self.unavailable is not None else "closed"
         if sys.is_finalizing():
@@ -707,7 +746,15 @@ class AuditHandler(logging.Handler):
         self._audit_closed = True
         self._handle = None
         self._config_section = None
-        if self._generation != _fork_generation:
+        set_handle, self._set_handle = self._set_handle, None
+        if set_handle is not None:
+            self._closed_set = set_handle  # metrics() after close still reports its counters
+            # This process's shard only: a forked child never closes its parent's.
+            try:
+                _sharded.release(set_handle, self.flush_timeout)
+            except Exception:
+                self._warn("close", None, "closing the audit pipeline failed")
+        elif self._generation != _fork_generation:
             # Inherited across fork: the parent's pipeline is not ours to close.
             self._shared = None
             return
@@ -747,6 +794,8 @@ class AuditHandler(logging.Handler):
                 handle = self._pipeline.handle()
             except Exception:
                 handle = None
+        if handle is None:
+            handle = self._closed_set
         if handle is not None:
             try:
                 out.update(handle.metrics())
@@ -852,9 +901,9 @@ def _check_args(
                 "PipelineConfig / StoreConfig instead"
             )
     if shards is not None:
-        raise ConfigError(
-            "AuditHandler: shards need the multi-process release; use one store root per process"
-        )
+        if pipeline is not None:
+            raise ConfigError("AuditHandler: shards= goes with root= (a store set), not with pipeline=")
+        parse_shards_option(shards, "AuditHandler: shards")
     if type(queue_size) is not int or queue_size < 1:
         raise ConfigError(f"AuditHandler: queue_size must be a positive integer, got {queue_size!r}")
     SyncPolicy.parse(sync)

@@ -30,3 +30,22 @@ def _installed_package_under_test() -> None:
         assert CHECKOUT not in where.parents or "site-packages" in where.parts, (
             f"quipu_logging was imported from the checkout ({where}), not the installed wheel"
         )
+
+
+@pytest.fixture
+def ed25519_pem(tmp_path: Path) -> tuple[Path, bytes]:
+    """A fresh Ed25519 key: ``(path of the private key PEM, the public key PEM bytes)``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = tmp_path / "audit-key.pem"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public

@@ -8,6 +8,7 @@ checks the audit records of a few known requests field by field.
 from __future__ import annotations
 
 import base64
+import collections
 import http.client
 import json
 import os
@@ -251,6 +252,24 @@ class TestDemo:
         assert verified(where / "audit")
         written = {p.name for p in where.iterdir()}
         assert written == {"audit", "fallback.jsonl", "proof.json", "service-metrics.json", "service.log"}
+
+    def test_the_main_job_with_worker_processes(self, tmp_path: Path) -> None:
+        """``--workers 3``: the service forks 3 workers onto one store set; every request is stored once."""
+        pytest.importorskip("structlog")
+        where = tmp_path / "demo"
+        result = run_example(
+            "demo.py", "--dir", str(where), "--requests", "1500", "--workers", "3", timeout=170
+        )
+        out = result.stdout
+        assert "MISMATCH" not in out and "FAILED" not in out, out
+        assert "requests served    1,500 of 1,500 sent" in out
+        shards = sorted(p.name for p in (where / "audit").iterdir() if p.name.startswith("shard-"))
+        assert 2 <= len(shards) <= 3, shards
+        access = collections.Counter(
+            p["request_id"] for p in payloads(where / "audit") if p.get("logger") == "service.access"
+        )
+        assert sum(access.values()) == 1500 and max(access.values()) == 1
+        assert verified(where / "audit")
 
     def test_refuses_a_directory_in_use(self, tmp_path: Path) -> None:
         """``--dir`` must be empty or absent: the demo never mixes its files with others."""

@@ -128,10 +128,11 @@ class TestConstruction:
         finally:
             pipeline.close()
 
-    def test_shards_need_the_multi_process_release(self, root: Path) -> None:
-        """Any ``shards`` value is refused for now."""
-        with pytest.raises(ConfigError, match="shards need the multi-process release"):
-            AuditHandler(root, shards="auto")
+    @pytest.mark.parametrize("shards", [0, -1, "many", True, 2.5])
+    def test_bad_shards_are_refused(self, root: Path, shards: object) -> None:
+        """``shards`` is "auto" or a positive number; anything else is a ConfigError."""
+        with pytest.raises(ConfigError, match="shards"):
+            AuditHandler(root, shards=shards)
 
     def test_misspelt_option_names_the_right_one(self, root: Path) -> None:
         """A typo in a handler keyword is a ConfigError suggesting the intended one."""
@@ -176,22 +177,17 @@ class TestConstruction:
             AuditHandler(root, signing_key=not_a_key)
 
     def test_signing_key_signs_the_checkpoints(
-        self, root: Path, tmp_path: Path, logger: logging.Logger, make_handler: Callable[..., AuditHandler]
+        self,
+        root: Path,
+        logger: logging.Logger,
+        make_handler: Callable[..., AuditHandler],
+        ed25519_pem: tuple[Path, bytes],
     ) -> None:
         """With signing_key, every checkpoint the handler's store writes verifies with the public key."""
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
 
-        key = ed25519.Ed25519PrivateKey.generate()
-        pem = tmp_path / "audit.pem"
-        pem.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        pem, public = ed25519_pem
         handler = make_handler(signing_key=pem)
         logger.warning("signed")
         handler.close()

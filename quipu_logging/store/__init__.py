@@ -8,6 +8,8 @@ from . import merkle
 from ._checkpoint import Checkpoint
 from ._config import RetentionPolicy, StoreConfig, SyncPolicy
 from ._fileio import FileLayer, PowerLossFileLayer
+from ._set import SetCheckpoint, ShardState, StoreSet
+from ._setread import StoreSetReader
 from ._store import AuditStore
 
 __all__ = [
@@ -16,7 +18,11 @@ __all__ = [
     "FileLayer",
     "PowerLossFileLayer",
     "RetentionPolicy",
+    "SetCheckpoint",
+    "ShardState",
     "StoreConfig",
+    "StoreSet",
+    "StoreSetReader",
     "SyncPolicy",
     "merkle",
 ]

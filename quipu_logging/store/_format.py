@@ -18,6 +18,10 @@ Store root
       dlq/                events parked by the pipeline, same framing
       quarantine/         damaged bytes moved aside by ``AuditStore.open(repair=True)``
 
+Several stores make a *store set* (one per writer process: ``SET``, ``shard-000/``, ...,
+``set-checkpoints.jsonl``); its files and the set checkpoint's signed bytes are
+documented byte by byte in ``_set.py``.
+
 ``FORMAT`` is ``{"format": "quipu-log", "version": 1, "created_at": <µs>,
 "hash": "rfc6962-sha256"}``. Only its ``version`` decides whether this release
 can read the store (:class:`~quipu_logging.errors.FormatVersionError` otherwise).

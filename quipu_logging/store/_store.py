@@ -223,6 +223,8 @@ class AuditStore:
 
         The reader sees whole frames only, and :meth:`refresh` makes newer records
         visible. It never fails on content: damage is :meth:`verify`'s to report.
+        Given the root of a store set, it returns a reader over every shard (a
+        ``StoreSetReader``: merged queries, one cursor, one ``verify``).
 
         Args:
             root: the store directory.
@@ -233,6 +235,11 @@ class AuditStore:
             NotAStoreError: ``root`` is not a store.
             FormatVersionError: the store was written by an incompatible release.
         """
+        if os.path.isfile(os.path.join(os.fspath(root), "SET")):
+            # A store set: one reader over every shard (see _setread.py).
+            from ._setread import open_set_reader
+
+            return open_set_reader(root, file_layer=file_layer)
         config = StoreConfig(root=root)
         store = cls(config, file_layer or FileLayer(), writable=False)
         store._check_format(create=False)
