@@ -137,6 +137,22 @@ _COPY_DEPTH: Final = 66
 _LEAF_TYPES: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None), bytes, frozenset})
 
 
+# Exact types whose values never change and whose str() runs no user code.
+_PLAIN_TYPES: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None)})
+# What to_mapping() calls on a record without exception: overriding one of them in a
+# subclass makes its records be built during the logging call (see _deferrable).
+_DEFERRABLE_METHODS: Final = (
+    "to_mapping",
+    "add_fields",
+    "_add_fields",
+    "process_log_record",
+    "formatTime",
+    "formatStack",
+    "formatException",
+    "_format_exception",
+)
+
+
 # Types the store renders itself (everything else is ``repr``'d): ``json_default`` leaves them.
 _STORE_TYPES: Final[tuple[type, ...]] = (
     str,
@@ -436,6 +452,14 @@ class AuditJsonFormatter(JsonFormatter):
         # A subclass overriding add_fields gets it called; otherwise fields go straight in.
         self._own_fields = type(self).add_fields is AuditJsonFormatter.add_fields
         self._configured = bool(self.defaults or self._extra_required or self.static_fields)
+        # Whether to_mapping() gives the same record on another thread, later, for a record
+        # whose values are all plain (str, int, float, bool, None): AuditHandler then lets
+        # its writer thread build it. Not when a subclass overrides what to_mapping runs,
+        # or when configured fields hold other values (they would be frozen later).
+        cls = type(self)
+        self._deferrable = all(
+            getattr(cls, name) is getattr(AuditJsonFormatter, name) for name in _DEFERRABLE_METHODS
+        ) and all(type(v) in _PLAIN_TYPES for v in (*self.static_fields.values(), *self.defaults.values()))
         self._plain = (
             self._own_fields
             and not self._configured
