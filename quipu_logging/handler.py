@@ -495,15 +495,14 @@ class AuditHandler(logging.Handler):
                     # the last one LogRecord.__init__ sets (else one was deleted, and
                     # positions say nothing): n ends at 0 only when both hold.
                     n = len(attrs) - _N_STD
-                    if n:
-                        for key, value in reversed(attrs.items()):
-                            if not n:
-                                if key is not _LAST_STD:
-                                    n = -1
-                                break
-                            if type(value) is not str and type(value) not in _PLAIN:
-                                break
-                            n -= 1
+                    for key, value in reversed(attrs.items()):
+                        if not n:
+                            if key is not _LAST_STD:
+                                n = -1
+                            break
+                        if type(value) is not str and type(value) not in _PLAIN:
+                            break
+                        n -= 1
                     if not n:
                         p, q, capacity, accepted, build = front
                         gate = p._gate
