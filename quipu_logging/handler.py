@@ -54,7 +54,7 @@ from types import FrameType
 from typing import Any, Final
 
 from .errors import ConfigError, PermissionDeniedError, PipelineClosedError, QueueFullError
-from .formatter import CORE_KEYS, TRUNCATED, AuditJsonFormatter, check_formatter_options
+from .formatter import _N_STD, _STD_ATTRS, CORE_KEYS, TRUNCATED, AuditJsonFormatter, check_formatter_options
 from .metrics import Counter
 from .pipeline import AuditHandle, AuditPipeline, PipelineConfig, _in_audit_path
 from .store import StoreConfig, SyncPolicy
@@ -85,9 +85,7 @@ _RECORD_ATTRS: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message
 # The fast path (see AuditHandler.handle). LogRecord.__init__ sets the same attributes in
 # the same order every time; makeRecord's extras and what filters add come after them.
 _LogRecord: Final = logging.LogRecord
-_STD_ORDER: Final = tuple(logging.makeLogRecord({}).__dict__)
-_N_STD: Final = len(_STD_ORDER)
-_LAST_STD: Final = _STD_ORDER[-1]
+_LAST_STD: Final = _STD_ATTRS[-1]
 # Values the writer may read later unchanged: immutable, and str() of them runs no user
 # code. Exact types: a subclass may be mutable or have a __str__ of its own.
 _PLAIN: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None)})
@@ -879,11 +877,17 @@ class _Builder:
         self.mapper = mapper
 
     def __call__(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        record = _new_record(_LogRecord)
-        record.__dict__ = attrs
         handler = self.handler
+        mapper = self.mapper
+        limit = handler.max_field_chars
         try:
-            event = self.mapper.to_mapping(record, max_field_chars=handler.max_field_chars)
+            event = None
+            if mapper._plain and not attrs["exc_text"] and not attrs["stack_info"]:
+                event = mapper._plain_mapping(attrs, limit)
+            if event is None:
+                record = _new_record(_LogRecord)
+                record.__dict__ = attrs
+                event = mapper.to_mapping(record, max_field_chars=limit)
         except Exception as exc:  # not expected: only plain values come this way
             event = {
                 "level": str(attrs.get("levelname")),

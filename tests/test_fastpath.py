@@ -76,17 +76,26 @@ names = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
     args=st.lists(plain, max_size=3),
     extra=st.dictionaries(names, plain, max_size=5),
     limit=st.sampled_from([None, 4, 65536]),
+    options=st.sampled_from([{}, {"reserved_attrs": ["msg", "args", "pathname"]}, {"timestamp": True}]),
 )
 def test_fast_path_stores_what_the_complete_path_stores(
-    tmp_path_factory: pytest.TempPathFactory, args: list[Any], extra: dict[str, Any], limit: int | None
+    tmp_path_factory: pytest.TempPathFactory,
+    args: list[Any],
+    extra: dict[str, Any],
+    limit: int | None,
+    options: dict[str, Any],
 ) -> None:
-    """Same record through both paths: the same payload (truncation markers included)."""
+    """Same record through both paths: the same payload (truncation markers included).
+
+    With no formatter options the writer uses ``_plain_mapping``; ``reserved_attrs``
+    leaving standard attributes out makes them fields; ``timestamp`` takes ``to_mapping``.
+    """
     base = tmp_path_factory.mktemp("pair")
     lg = logging.getLogger(f"quipu.fast.pair.{base.name}")
     lg.propagate = False
     lg.setLevel(logging.INFO)
-    fast = AuditHandler(base / "fast", max_field_chars=limit)
-    complete = Complete(base / "complete", max_field_chars=limit)
+    fast = AuditHandler(base / "fast", max_field_chars=limit, **options)
+    complete = Complete(base / "complete", max_field_chars=limit, **options)
     spy = Spy(fast)
     lg.addHandler(fast)
     lg.addHandler(complete)
