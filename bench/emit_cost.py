@@ -45,7 +45,10 @@ CASES = {
 }
 
 CHILD = r"""
-import logging, logging.handlers, os, queue, sys, tempfile
+import sys
+if sys.path and sys.path[0] == "":
+    del sys.path[0]  # -c puts the current directory first: import what the parent imports
+import logging, logging.handlers, os, queue, tempfile
 kind, n, work = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sys.path += sys.argv[4:]  # the checkout, when the package is not installed
 from quipu_logging import AuditHandler
