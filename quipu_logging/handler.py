@@ -7,7 +7,10 @@ The contract is DESIGN §7. In short, ``emit``:
 2. never changes the ``LogRecord`` other handlers see (it only reads it);
 3. freezes the record at call time through its formatter's ``to_mapping`` (the message
    is ``getMessage()``, containers in extras are copied, other objects are rendered by the
-   writer later);
+   writer later); for the common record, whose values are all plain, a shallow copy of
+   its attributes is that snapshot, and the writer thread runs ``to_mapping`` on it later
+   (the fast path of :meth:`AuditHandler.handle`: same stored record, less work on the
+   logging thread);
 4. cuts string fields longer than ``max_field_chars`` and lists them under
    ``"$truncated": {field: original_length}``;
 5. enqueues without waiting; when the pipeline rejects the record (queue full, closed,

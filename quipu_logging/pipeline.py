@@ -19,6 +19,9 @@ Design notes (DESIGN §6):
   the bound may be overshot by at most one event per producer thread; with one it is
   exact. Emit takes no lock at all; it wakes the writer (releases a lock the writer
   waits on) only when the writer said it is idle.
+* **Deferred events**: :class:`~quipu_logging.AuditHandler`'s fast path makes the same
+  checks itself (see :meth:`AuditPipeline._front`) and queues ``(build, data)``; the
+  writer calls ``build(data)`` for the event when it takes it (:func:`_resolve`).
 * **The writer** (thread ``quipu-writer``) drains at most ``batch_max`` events per
   ``append_batch`` and yields the GIL between slices. When idle it waits at most
   until the store's group-commit deadline (``AuditStore.sync_due``), so
