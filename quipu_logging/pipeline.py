@@ -1137,13 +1137,6 @@ class AuditPipeline:
                 del _live[self.store_root]
 
 
-def _build(item: tuple[Callable[[Any], Mapping[str, Any]], Any]) -> Mapping[str, Any]:
-    try:
-        return item[0](item[1])
-    except Exception as e:  # the builders never raise; a record is kept whatever happens
-        return {"$unrepresentable": "deferred event", "error": repr(e)}
-
-
 def _resolve(items: list[Any]) -> list[Mapping[str, Any]]:
     """The events of ``items``, with each deferred one built (on the writer thread).
 
@@ -1151,7 +1144,16 @@ def _resolve(items: list[Any]) -> list[Mapping[str, Any]]:
     :meth:`AuditPipeline._front`): ``build(data)`` returns the event. Nothing else in the
     queue is a ``tuple``: :meth:`AuditHandle.emit` only queues mappings.
     """
-    return [_build(x) if type(x) is tuple else x for x in items]
+    out: list[Mapping[str, Any]] = []
+    append = out.append
+    for x in items:
+        if type(x) is tuple:
+            try:
+                x = x[0](x[1])
+            except Exception as e:  # the builders never raise; a record is kept whatever happens
+                x = {"$unrepresentable": "deferred event", "error": repr(e)}
+        append(x)
+    return out
 
 
 def _refuse_live(root: str) -> None:

@@ -224,3 +224,25 @@ def test_a_closed_pipeline_refuses_the_fast_path(tmp_path: Path, logger: logging
     assert m["rejected"] == m["fallback_ok"] == m["diverted_closed"] == 1
     assert (m["offered"], m["accepted"], m["rejected_closed"]) == (2, 1, 1)
     assert [p["message"] for p in payloads(tmp_path / "s")] == ["stored"]
+
+
+def test_a_builder_that_fails_still_stores_the_record(
+    tmp_path: Path, logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If building a queued record raised on the writer, the record is kept, saying why."""
+
+    def broken(self: AuditJsonFormatter, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("formatter broke")
+
+    handler = AuditHandler(tmp_path / "s")
+    logger.addHandler(handler)
+    with paused(handler):
+        logger.info("kept %s", "anyway", extra={"who": "u"})
+        monkeypatch.setattr(AuditJsonFormatter, "_plain_mapping", broken)
+        monkeypatch.setattr(AuditJsonFormatter, "to_mapping", broken)
+    assert handler.flush()
+    (payload,) = payloads(tmp_path / "s")
+    assert payload["message"] == "kept %s" and payload["level"] == "INFO"
+    assert payload["message_error"] == "RuntimeError: formatter broke"
+    m = handler.metrics()
+    assert m["written"] == 1 and m["rejected"] == 0
