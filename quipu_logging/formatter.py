@@ -80,6 +80,7 @@ import os
 import pathlib
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
 from typing import Any, Final
 
 from pythonjsonlogger.core import BaseJsonFormatter
@@ -135,6 +136,27 @@ _COPY_DEPTH: Final = 66
 
 # Values that need no copy: immutable, and rendered by the store without running user code.
 _LEAF_TYPES: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None), bytes, frozenset})
+
+
+# Exact types whose values never change and whose str() runs no user code.
+_PLAIN_TYPES: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None)})
+# What to_mapping() calls on a record without exception: overriding one of them in a
+# subclass makes its records be built during the logging call (see _deferrable).
+_DEFERRABLE_METHODS: Final = (
+    "to_mapping",
+    "add_fields",
+    "_add_fields",
+    "process_log_record",
+    "formatTime",
+    "formatStack",
+    "formatException",
+    "_format_exception",
+)
+
+
+# What LogRecord.__init__ sets, in the order it sets them.
+_STD_ATTRS: Final = tuple(logging.makeLogRecord({}).__dict__)
+_N_STD: Final = len(_STD_ATTRS)
 
 
 # Types the store renders itself (everything else is ``repr``'d): ``json_default`` leaves them.
@@ -432,10 +454,21 @@ class AuditJsonFormatter(JsonFormatter):
         # What never becomes an extra: reserved attributes, the core's own sources and the
         # fields ``fmt`` names (added on their own, like python-json-logger does).
         self._skip = frozenset(self.reserved_attrs) | _CORE_SOURCES | frozenset(self._required_fields)
+        # The attributes LogRecord.__init__ sets that are fields all the same (only when
+        # reserved_attrs leaves some out): _plain_mapping adds them before the extras.
+        self._std_fields = tuple(k for k in _STD_ATTRS if k not in self._skip)
         self._hooked = type(self).process_log_record is not BaseJsonFormatter.process_log_record
         # A subclass overriding add_fields gets it called; otherwise fields go straight in.
         self._own_fields = type(self).add_fields is AuditJsonFormatter.add_fields
         self._configured = bool(self.defaults or self._extra_required or self.static_fields)
+        # Whether to_mapping() gives the same record on another thread, later, for a record
+        # whose values are all plain (str, int, float, bool, None): AuditHandler then lets
+        # its writer thread build it. Not when a subclass overrides what to_mapping runs,
+        # or when configured fields hold other values (they would be frozen later).
+        cls = type(self)
+        self._deferrable = all(
+            getattr(cls, name) is getattr(AuditJsonFormatter, name) for name in _DEFERRABLE_METHODS
+        ) and all(type(v) in _PLAIN_TYPES for v in (*self.static_fields.values(), *self.defaults.values()))
         self._plain = (
             self._own_fields
             and not self._configured
@@ -595,6 +628,68 @@ class AuditJsonFormatter(JsonFormatter):
             out[TRUNCATED] = cut
         if self._hooked:
             out = self.process_log_record(out)
+        return out
+
+    def _plain_mapping(self, attrs: dict[str, Any], limit: int | None) -> dict[str, Any] | None:
+        """:meth:`to_mapping` of the record whose attributes are ``attrs``, for the common case.
+
+        What :class:`~quipu_logging.AuditHandler`'s writer thread calls for a record its
+        fast path queued (a ``str`` message, no exception, no ``stack_info``, plain
+        arguments and extras), when this formatter has no options (``_plain``): the same
+        ``dict``, without rebuilding a ``LogRecord`` or testing for the cases that cannot
+        occur. The fast path has checked that ``attrs`` holds what ``LogRecord.__init__``
+        sets, in its order, followed by the extras, so only those are looked at. ``None``
+        when the message cannot be formatted (``to_mapping`` says why).
+        """
+        msg = attrs["msg"]
+        args = attrs["args"]
+        if args:
+            try:
+                message = msg % args
+            except Exception:
+                return None
+        else:
+            message = msg
+        cut: dict[str, int] | None = {} if limit is not None else None
+        if limit is not None and len(message) > limit:
+            assert cut is not None
+            cut["message"] = len(message)
+            message = message[:limit]
+        out: dict[str, Any] = {
+            "level": attrs["levelname"],
+            "levelno": attrs["levelno"],
+            "logger": attrs["name"],
+            "message": message,
+            "process": attrs["process"],
+            "thread": attrs["threadName"],
+            "source": {"file": attrs["filename"], "func": attrs["funcName"], "line": attrs["lineno"]},
+            "ts": round(attrs["created"] * 1_000_000),
+        }
+        skip = self._skip
+        fields = list(islice(attrs.items(), _N_STD, None))
+        if self._std_fields:
+            fields[:0] = [(k, attrs[k]) for k in self._std_fields]
+        for name, value in fields:
+            if type(name) is str:
+                if name in skip or name[:1] == "_":
+                    continue
+                if name in CORE_KEYS:
+                    name = _free_name(name, out)
+            elif name in skip:
+                continue
+            t = type(value)
+            if t is str:
+                if limit is not None and len(value) > limit:
+                    assert cut is not None
+                    cut[name] = len(value)
+                    value = value[:limit]
+                out[name] = value
+            elif t is int or t is float or t is bool or value is None:
+                out[name] = value
+            else:
+                out[name] = freeze(value, None, limit, cut, str(name))
+        if cut:
+            out[TRUNCATED] = cut
         return out
 
     def _format_exception(self, exc_info: Any) -> str | list[str]:

@@ -7,7 +7,10 @@ The contract is DESIGN §7. In short, ``emit``:
 2. never changes the ``LogRecord`` other handlers see (it only reads it);
 3. freezes the record at call time through its formatter's ``to_mapping`` (the message
    is ``getMessage()``, containers in extras are copied, other objects are rendered by the
-   writer later);
+   writer later); for the common record, whose values are all plain, a shallow copy of
+   its attributes is that snapshot, and the writer thread runs ``to_mapping`` on it later
+   (the fast path of :meth:`AuditHandler.handle`: same stored record, less work on the
+   logging thread);
 4. cuts string fields longer than ``max_field_chars`` and lists them under
    ``"$truncated": {field: original_length}``;
 5. enqueues without waiting; when the pipeline rejects the record (queue full, closed,
@@ -43,6 +46,7 @@ stderr at most once a minute per handler and reason, with a count of those held 
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -56,9 +60,9 @@ from typing import Any, Final
 
 from . import _sharded
 from .errors import ConfigError, PermissionDeniedError, PipelineClosedError, QueueFullError
-from .formatter import CORE_KEYS, TRUNCATED, AuditJsonFormatter, check_formatter_options
+from .formatter import _N_STD, _STD_ATTRS, CORE_KEYS, TRUNCATED, AuditJsonFormatter, check_formatter_options
 from .metrics import Counter
-from .pipeline import AuditHandle, AuditPipeline, PipelineConfig
+from .pipeline import AuditHandle, AuditPipeline, PipelineConfig, _in_audit_path
 from .store import StoreConfig, SyncPolicy
 from .store._checkpoint import Signer
 from .store._set import parse_shards_option
@@ -87,6 +91,18 @@ _DEFAULT_SYNC: Final = "group"
 # these names is not copied back onto a record rebuilt from an event.
 _RECORD_ATTRS: Final = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
+# The fast path (see AuditHandler.handle). LogRecord.__init__ sets the same attributes in
+# the same order every time; makeRecord's extras and what filters add come after them.
+_LogRecord: Final = logging.LogRecord
+_LAST_STD: Final = _STD_ATTRS[-1]
+# Values the writer may read later unchanged: immutable, and str() of them runs no user
+# code. Exact types: a subclass may be mutable or have a __str__ of its own.
+_PLAIN: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None)})
+_FILTER_GIVES_RECORD: Final = sys.version_info >= (3, 12)  # Filterer.filter returns the record
+_NOT_PLAIN: Final = (object(),)  # stands for arguments that are not a tuple
+_new_record: Final = _LogRecord.__new__
+_in_audit_path_get: Final = _in_audit_path.get
+
 _REASONS: Final = (
     "full",
     "closed",
@@ -106,6 +122,12 @@ class _Local(threading.local):
     ``emit``, 2 inside its fallback (absent: outside). Per handler, so one AuditHandler can
     serve as another's fallback. ``pipeline_thread``: whether this is one of the
     pipeline's own threads (``None`` until first looked at).
+
+    The fast path of :meth:`AuditHandler.handle` does not look at this (a thread-local
+    lookup costs more than the rest of its checks together): it reads the context variable
+    ``_in_audit_path``, which the writer thread sets for itself and :meth:`AuditHandler.emit`
+    and the fallback set while they run, so a record logged there takes ``emit``, which
+    looks here.
     """
 
     pipeline_thread: bool | None = None
@@ -209,11 +231,31 @@ def _hand_off_through(ref: weakref.ref[AuditHandler]) -> Callable[[Any, BaseExce
 
 _registry_lock = threading.Lock()
 _registry: dict[str, _Shared] = {}
+# Every AuditHandler alive: a fork or the interpreter's exit turns their fast paths off.
+_handlers: weakref.WeakSet[AuditHandler] = weakref.WeakSet()
+_exiting = False
+
+
+def _stop_fast_paths() -> None:
+    for handler in list(_handlers):
+        handler._front = None
+
+
+def _at_exit() -> None:
+    """Runs before the pipelines close at exit (atexit is last in, first out): from here on
+    every record takes the complete path, which knows about finalisation."""
+    global _exiting
+    _exiting = True
+    _stop_fast_paths()
+
+
+atexit.register(_at_exit)
 
 
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    _stop_fast_paths()
     # The child owns none of its parent's pipelines; a handler configured in the child
     # starts afresh (and meets the parent's writer lock).
     _registry.clear()
@@ -362,6 +404,8 @@ class AuditHandler(logging.Handler):
             )
         }
         self._warned: dict[str, tuple[float, int]] = {}
+        # The fast path's state (see handle()): None sends every record the complete way.
+        self._front: tuple[Any, ...] | None = None
         if pipeline is not None:
             self._pipeline = pipeline
             self._handle = pipeline.handle()
@@ -374,9 +418,11 @@ class AuditHandler(logging.Handler):
             assert root is not None
             self.root = os.path.realpath(os.fspath(root))
             if shards is not None:
-                self._attach_set(self.root, shards)
+                self._attach_set(self.root, shards)  # shard mode: no fast path (no pipeline yet)
             else:
                 self._attach(self.root)
+        _handlers.add(self)
+        self._update_front()
 
     # ------------------------------------------------------------------ pipeline sharing
 
@@ -478,16 +524,85 @@ class AuditHandler(logging.Handler):
     def handle(self, record: logging.LogRecord) -> Any:
         """Filters ``record`` and emits it, without taking the handler lock.
 
+        The common record takes a fast path that does on the calling thread only what
+        must happen there. When the record's message is a ``str``, it carries no
+        exception, and its arguments and extras are all ``str``, ``int``, ``float``,
+        ``bool`` or ``None``, a shallow copy of its attributes is already a snapshot of the
+        call: that copy is queued, and the writer thread builds the stored record from it
+        with the formatter of the moment of the call, the record :meth:`emit` would have
+        built here. Anything else (an exception, a container or other object among the
+        arguments or extras, a ``dict`` message, a ``LogRecord`` subclass, a formatter
+        subclass, a full queue, a closed or stalled pipeline, a forked child, a call from
+        the writer thread or from inside this handler) takes :meth:`emit`, which builds
+        the record here and handles every refusal.
+
         Returns:
             What ``filter()`` returned: false when a filter dropped the record; on 3.12+ the
             (possibly replaced) record otherwise.
         """
-        rv: Any = self.filter(record)
-        if isinstance(rv, logging.LogRecord):
-            record = rv
-        if rv:
-            self.emit(record)
+        if self.filters:
+            rv: Any = self.filter(record)
+            if not rv:
+                return rv
+            if isinstance(rv, _LogRecord):
+                record = rv
+        else:
+            rv = record if _FILTER_GIVES_RECORD else True
+        front = self._front
+        if front is not None and type(record) is _LogRecord and not _in_audit_path_get():
+            attrs = record.__dict__
+            if type(attrs["msg"]) is str and attrs["exc_info"] is None:
+                args = attrs["args"]
+                if type(args) is not tuple:
+                    args = _NOT_PLAIN if args else ()
+                for value in args:
+                    if type(value) is not str and type(value) not in _PLAIN:
+                        break
+                else:
+                    # The extras are the last n attributes, and the one before them must be
+                    # the last one LogRecord.__init__ sets (else one was deleted, and
+                    # positions say nothing): n ends at 0 only when both hold.
+                    n = len(attrs) - _N_STD
+                    for key, value in reversed(attrs.items()):
+                        if not n:
+                            if key is not _LAST_STD:
+                                n = -1
+                            break
+                        if type(value) is not str and type(value) not in _PLAIN:
+                            break
+                        n -= 1
+                    if not n:
+                        p, q, capacity, accepted, build = front
+                        gate = p._gate
+                        if (gate is None or p._clock() < gate) and q.qsize() < capacity:
+                            item = (build, attrs.copy())
+                            q.put(item)
+                            if p._attn and not p._settle(item):
+                                self._divert(record, "closed")
+                                return rv
+                            next(accepted)
+                            return rv
+        self.emit(record)
         return rv
+
+    def _update_front(self) -> None:
+        """(Re)computes the fast path's state; ``None`` when records must take :meth:`emit`."""
+        front = None
+        pipeline = self._pipeline
+        mapper = self._mapper
+        if (
+            self._handle is not None
+            and pipeline is not None
+            and not self._audit_closed
+            and not _exiting
+            and self._generation == _fork_generation
+            and type(self).emit is AuditHandler.emit
+            and mapper._deferrable
+        ):
+            base = pipeline._front(self.role)
+            if base is not None:
+                front = (*base, _Builder(self, mapper))
+        self._front = front
 
     def emit(self, record: logging.LogRecord) -> None:
         """Hands ``record`` to the audit pipeline, or to the fallback; never raises.
@@ -506,6 +621,7 @@ class AuditHandler(logging.Handler):
                 self._divert(record, reason)
                 return
             busy[key] = 1
+            token = _in_audit_path.set(True)
             try:
                 try:
                     event = self._mapper.to_mapping(record, max_field_chars=self.max_field_chars)
@@ -531,6 +647,7 @@ class AuditHandler(logging.Handler):
                     self.handleError(record)
                     self._divert(record, "error")
             finally:
+                _in_audit_path.reset(token)
                 busy.pop(key, None)
         except Exception:
             # Only reachable if the bookkeeping itself failed (say during interpreter teardown).
@@ -566,6 +683,7 @@ class AuditHandler(logging.Handler):
         key = id(self)
         previous = busy.get(key)
         busy[key] = 2
+        token = _in_audit_path.set(True)
         try:
             if previous == 2:
                 # Logged from inside the fallback: the fallback would only recurse.
@@ -578,6 +696,7 @@ class AuditHandler(logging.Handler):
         except Exception:
             counters["fallback_failed"].add()
         finally:
+            _in_audit_path.reset(token)
             _restore(busy, key, previous)
 
     def _fallback_handler(self) -> logging.Handler:
@@ -645,11 +764,13 @@ class AuditHandler(logging.Handler):
         key = id(self)
         previous = busy.get(key)
         busy[key] = 2
+        token = _in_audit_path.set(True)
         try:
             target = self._fallback_handler()
             self._warn("lost", target, f"the store and its dead-letter queue refused a record ({error})")
             target.handle(record)
         finally:
+            _in_audit_path.reset(token)
             _restore(busy, key, previous)
 
     def _warn(self, reason: str, target: logging.Handler | None, text: str | None = None) -> None:
@@ -704,6 +825,8 @@ class AuditHandler(logging.Handler):
             for owned in (self._default_fallback, self._owned_fallback):
                 if owned is not None:
                     owned.setFormatter(fmt)
+            if hasattr(self, "_front"):  # not while logging.Handler.__init__ runs
+                self._update_front()
 
     # ------------------------------------------------------------------ flush / close
 
@@ -739,6 +862,7 @@ class AuditHandler(logging.Handler):
         The pipeline drains, syncs, writes one checkpoint and releases the store (waiting at
         most ``flush_timeout``). Idempotent; records handled afterwards go to the fallback.
         """
+        self._front = None
         # logging.Handler.close takes logging's module lock: never while holding ours.
         super().close()
         if self._audit_closed:
@@ -819,6 +943,46 @@ class AuditHandler(logging.Handler):
     def __repr__(self) -> str:
         level = logging.getLevelName(self.level)
         return f"<{type(self).__name__} {self.root!r} ({level})>"
+
+
+class _Builder:
+    """Builds, on the writer thread, the event of a record the fast path queued.
+
+    Called with the snapshot of the record's attributes (a ``dict`` nobody else holds);
+    uses the formatter that was the handler's at the logging call. Never raises: the
+    pipeline could then only keep a placeholder.
+    """
+
+    __slots__ = ("handler", "mapper")
+
+    def __init__(self, handler: AuditHandler, mapper: AuditJsonFormatter) -> None:
+        self.handler = handler
+        self.mapper = mapper
+
+    def __call__(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        handler = self.handler
+        mapper = self.mapper
+        limit = handler.max_field_chars
+        try:
+            event = None
+            if mapper._plain and not attrs["exc_text"] and not attrs["stack_info"]:
+                event = mapper._plain_mapping(attrs, limit)
+            if event is None:
+                record = _new_record(_LogRecord)
+                record.__dict__ = attrs
+                event = mapper.to_mapping(record, max_field_chars=limit)
+        except Exception as exc:  # not expected: only plain values come this way
+            event = {
+                "level": str(attrs.get("levelname")),
+                "levelno": attrs.get("levelno"),
+                "logger": str(attrs.get("name")),
+                "message": str(attrs.get("msg")),
+                "message_error": f"{type(exc).__name__}: {exc}",
+                "ts": round(attrs.get("created", 0) * 1_000_000),
+            }
+        if TRUNCATED in event:
+            handler._counters["truncated"].add()
+        return event
 
 
 _REASON_TEXT: Final = {

@@ -19,6 +19,9 @@ Design notes (DESIGN §6):
   the bound may be overshot by at most one event per producer thread; with one it is
   exact. Emit takes no lock at all; it wakes the writer (releases a lock the writer
   waits on) only when the writer said it is idle.
+* **Deferred events**: :class:`~quipu_logging.AuditHandler`'s fast path makes the same
+  checks itself (see :meth:`AuditPipeline._front`) and queues ``(build, data)``; the
+  writer calls ``build(data)`` for the event when it takes it (:func:`_resolve`).
 * **The writer** (thread ``quipu-writer``) drains at most ``batch_max`` events per
   ``append_batch`` and yields the GIL between slices. When idle it waits at most
   until the store's group-commit deadline (``AuditStore.sync_due``), so
@@ -57,6 +60,8 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextvars
+import math
 import os
 import queue
 import random
@@ -97,6 +102,14 @@ _GAP_LABELS = (
     "store and DLQ failed, lost",
 )
 _EMIT = Action.EMIT
+_CLOSED = -math.inf  # AuditPipeline._gate once the pipeline stops accepting
+
+_in_audit_path: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "quipu_logging.in_audit_path", default=False
+)
+"""True on a pipeline's writer thread (and, set by AuditHandler, while a thread runs a
+handler's complete emit path or its fallback). A logging call made there skips the
+handler's fast path: ``ContextVar.get`` is the cheapest per-thread flag there is."""
 _ADMINISTER = Action.ADMINISTER
 _monotonic = time.monotonic
 _time_ns = time.time_ns
@@ -269,10 +282,19 @@ class AuditPipeline:
         self._accepting = True
         self._why_closed = f"audit pipeline for {root!r} is closed"
         self._busy_since: float | None = None
+        # What AuditHandler's fast path reads instead of _accepting and _busy_since:
+        # None while accepting with no batch running, _busy_since + stall_timeout while
+        # one runs, _CLOSED (-inf) once not accepting. An emit may go ahead when it is
+        # None or the clock is below it.
+        self._gate: float | None = None
         self._disk_full = False
         self._low_disk = False
         self._idle = False
         self._sealed = False  # the writer's final drain has begun
+        # True while _idle or _sealed is: a producer that just put an event looks at this
+        # one flag and only then at the two (see _settle). Only the writer
+        # thread writes it.
+        self._attn = False
         self._drained = threading.Event()  # ... and has taken everything it will take
         self._stranded: list[Mapping[str, Any]] = []
         self._stranded_lock = threading.Lock()
@@ -293,8 +315,9 @@ class AuditPipeline:
         self._foreign = False
         self._death: BaseException | None = None
 
-        # Counters bumped by producers (see metrics.py for why these are exact).
-        self._offered = Counter()
+        # Counters bumped by producers (see metrics.py for why these are exact). ``offered``
+        # is their sum (every offered event is accepted or rejected exactly once), so an
+        # emit bumps one counter, not two.
         self._accepted = Counter()
         self._rejected_full = Counter()
         self._rejected_closed = Counter()
@@ -457,11 +480,53 @@ class AuditPipeline:
                     return True
         return False
 
+    def _set_gate(self, value: float | None) -> None:
+        """Sets ``_gate`` (writer thread); ``_CLOSED`` wins once ``_accepting`` is false.
+
+        ``close()`` clears ``_accepting`` and then closes the gate from another thread: the
+        second look at ``_accepting`` after the store makes sure the writer never reopens it.
+        """
+        self._gate = value if self._accepting else _CLOSED
+        if not self._accepting:
+            self._gate = _CLOSED
+
+    def _settle(self, item: Any) -> bool:
+        """After a put that saw ``_attn``: wakes an idle writer, or takes ``item`` back if
+        the final drain has passed (counted ``rejected_closed``). True when it stays queued."""
+        if self._sealed and self._rescue(item):
+            self._rejected_closed.add()
+            self._gap_pending = True
+            return False
+        if self._idle:
+            self._idle = False
+            self._ring()
+        return True
+
     def _ring(self) -> None:
         try:
             self._bell.release()
         except RuntimeError:
             pass  # already rung
+
+    def _front(self, role: RoleLike) -> tuple[Any, ...] | None:
+        """What :class:`~quipu_logging.AuditHandler`'s fast path needs to queue on its own.
+
+        ``(pipeline, queue, capacity, accepted)``, or ``None`` when every emit must
+        take :meth:`AuditHandle.emit` (the role may not emit, the disk-full latch may
+        reject emits, or the pipeline is closed). The fast path repeats the checks of
+        ``emit`` that can change (accepting and stall, through ``_gate``; capacity), puts
+        a deferred ``(build, data)`` item (built by the writer, see :func:`_resolve`),
+        then calls :meth:`_settle` when ``_attn`` is set,
+        and counts with ``next(accepted)`` (the ``itertools.count`` inside the ``accepted``
+        counter: ``next()`` on it is cheaper than the bound ``__next__``). Any refusal it
+        leaves to ``emit``, which raises the right error.
+        """
+        policy = self._policy
+        if self._reject_disk_full or self._foreign or not self._accepting:
+            return None
+        if not (policy._open or policy.allows(role, _EMIT)):
+            return None
+        return (self, self._queue, self._capacity, self._accepted._count)
 
     # ------------------------------------------------------------------ control
 
@@ -531,6 +596,7 @@ class AuditPipeline:
             return True
         if first:
             self._accepting = False
+            self._gate = _CLOSED
             self._why_closed = f"audit pipeline for {self.store_root!r} is closed"
             self._post(_Command("close"))
             with self._control_lock:
@@ -581,6 +647,7 @@ class AuditPipeline:
     def _after_fork_in_child(self) -> None:
         self._foreign = True
         self._accepting = False
+        self._gate = _CLOSED
         self._finished = True
         self._why_closed = (
             f"audit pipeline for {self.store_root!r} belongs to the parent process; "
@@ -596,6 +663,7 @@ class AuditPipeline:
     # ================================================================== the writer
 
     def _run(self) -> None:
+        _in_audit_path.set(True)  # this thread's own context: records logged here are diverted
         try:
             self._startup()
             self._loop()
@@ -644,11 +712,14 @@ class AuditPipeline:
             self._after_work()
             timeout = self._idle_timeout()
             self._idle = True
+            self._attn = True
             if q.qsize() or self._control:
                 self._idle = False
+                self._attn = self._sealed
                 continue
             self._bell.acquire(timeout=timeout)
             self._idle = False
+            self._attn = self._sealed
 
     def _idle_timeout(self) -> float:
         now = self._clock()
@@ -768,15 +839,18 @@ class AuditPipeline:
 
     # ------------------------------------------------------------------ writing
 
-    def _write_batch(self, batch: list[Mapping[str, Any]]) -> None:
+    def _write_batch(self, batch: list[Any]) -> None:
         self._taken += len(batch)
-        self._batch = batch
         started = time.perf_counter()
-        self._busy_since = self._clock()
+        busy = self._busy_since = self._clock()
+        self._set_gate(busy + self._stall_timeout)
         try:
+            # Events an AuditHandler deferred are built here, inside the stall watch.
+            batch = self._batch = _resolve(batch)
             self._store_events(batch)
         finally:
             self._busy_since = None
+            self._set_gate(None)
         self._latency.observe(time.perf_counter() - started)
         self._batches += 1
         self._batch = []
@@ -985,7 +1059,9 @@ class AuditPipeline:
     def _shutdown(self) -> None:
         """The normal end: take everything left, store it, checkpoint, release the lock."""
         self._accepting = False
+        self._gate = _CLOSED
         self._sealed = True
+        self._attn = True
         # Take everything at once, with no I/O before _drained is set: a producer whose
         # put raced with the seal waits on _drained, and must not wait on the disk.
         self._backlog = self._take_all()
@@ -1016,14 +1092,16 @@ class AuditPipeline:
         self._dying = True
         self._death = error
         self._accepting = False
+        self._gate = _CLOSED
         self._why_closed = f"audit writer for {self.store_root!r} died: {error!r}"
         self._sealed = True
+        self._attn = True
         try:
             # Events are settled in batch order, so the unsettled ones are the batch's tail.
             unsettled = self._taken - (self._written + self._parked + self._handed_off + self._lost)
             batch = self._batch
             orphans = list(batch[len(batch) - unsettled :]) if 0 < unsettled <= len(batch) else []
-            rest = self._backlog + self._take_all()
+            rest = _resolve(self._backlog + self._take_all())
             self._backlog = []
             self._drained.set()
             self._taken += len(rest)
@@ -1038,7 +1116,9 @@ class AuditPipeline:
 
     def _finish(self) -> None:
         self._accepting = False
+        self._gate = _CLOSED
         self._sealed = True
+        self._attn = True
         self._drained.set()
         self._dlq.close()
         with self._control_lock:
@@ -1055,6 +1135,25 @@ class AuditPipeline:
         with _registry_lock:
             if _live.get(self.store_root) is self:
                 del _live[self.store_root]
+
+
+def _resolve(items: list[Any]) -> list[Mapping[str, Any]]:
+    """The events of ``items``, with each deferred one built (on the writer thread).
+
+    A producer may queue ``(build, data)`` instead of an event (see
+    :meth:`AuditPipeline._front`): ``build(data)`` returns the event. Nothing else in the
+    queue is a ``tuple``: :meth:`AuditHandle.emit` only queues mappings.
+    """
+    out: list[Mapping[str, Any]] = []
+    append = out.append
+    for x in items:
+        if type(x) is tuple:
+            try:
+                x = x[0](x[1])
+            except Exception as e:  # the builders never raise; a record is kept whatever happens
+                x = {"$unrepresentable": "deferred event", "error": repr(e)}
+        append(x)
+    return out
 
 
 def _refuse_live(root: str) -> None:
@@ -1110,32 +1209,22 @@ class AuditHandle:
         busy = p._busy_since
         if not p._accepting or (busy is not None and p._clock() - busy > p._stall_timeout):
             p._rejected_closed.add()
-            p._offered.add()
             p._gap_pending = True
             raise PipelineClosedError(event, p._closed_reason())
         if p._disk_full and p._reject_disk_full:
             p._rejected_disk_full.add()
-            p._offered.add()
             p._gap_pending = True
             raise PipelineClosedError(event, p._disk_full_reason())
         q = p._queue
         if q.qsize() >= p._capacity:
             p._rejected_full.add()
-            p._offered.add()
             p._gap_pending = True
             raise QueueFullError(event, f"audit queue of {p.store_root!r} is full ({p._capacity} events)")
         item = event if "ts" in event else {**event, "ts": _time_ns() // 1000}
         q.put(item)
-        if p._sealed and p._rescue(item):
-            p._rejected_closed.add()
-            p._offered.add()
-            p._gap_pending = True
+        if p._attn and not p._settle(item):
             raise PipelineClosedError(event, p._why_closed)
         p._accepted.add()
-        p._offered.add()
-        if p._idle:
-            p._idle = False
-            p._ring()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Same as :meth:`AuditPipeline.flush` (no role needed)."""
@@ -1188,12 +1277,16 @@ class AuditHandle:
         """
         p = self._p
         store = p._store
+        accepted = p._accepted.value
+        full = p._rejected_full.value
+        closed = p._rejected_closed.value
+        disk_full = p._rejected_disk_full.value
         return {
-            "offered": p._offered.value,
-            "accepted": p._accepted.value,
-            "rejected_full": p._rejected_full.value,
-            "rejected_closed": p._rejected_closed.value,
-            "rejected_disk_full": p._rejected_disk_full.value,
+            "offered": accepted + full + closed + disk_full,
+            "accepted": accepted,
+            "rejected_full": full,
+            "rejected_closed": closed,
+            "rejected_disk_full": disk_full,
             "denied": p._denied.value,
             "written": p._written,
             "parked": p._parked,

@@ -1,0 +1,248 @@
+"""AuditHandler's fast path: plain records are queued as a snapshot and built by the writer.
+
+The fast path must store exactly what the complete path (``emit``, which builds the record
+on the logging thread) stores, and must leave every record it cannot snapshot with a
+shallow copy to ``emit``. ``Complete`` below is an AuditHandler whose own ``emit``
+override switches the fast path off, so the two paths can be compared on the same
+records; a spy on the instance's ``emit`` tells which path a record took.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quipu_logging import AuditHandler, AuditJsonFormatter, AuditStore
+from quipu_logging.testing import paused
+
+
+class Complete(AuditHandler):
+    """An AuditHandler that always builds its records during the logging call."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        super().emit(record)
+
+
+class Spy:
+    """Replaces ``handler.emit`` on the instance: counts the records that took ``emit``."""
+
+    def __init__(self, handler: AuditHandler) -> None:
+        self.calls = 0
+        self._emit = handler.emit
+        handler.emit = self  # type: ignore[method-assign]
+
+    def __call__(self, record: logging.LogRecord) -> None:
+        self.calls += 1
+        self._emit(record)
+
+
+def payloads(root: Path) -> list[dict[str, Any]]:
+    with AuditStore.open_reader(root) as reader:
+        return [rec.payload for rec in reader.scan() if "$sys" not in rec.payload]
+
+
+@pytest.fixture
+def logger(request: pytest.FixtureRequest) -> Iterator[logging.Logger]:
+    lg = logging.getLogger(f"quipu.fast.{request.node.name}")
+    lg.propagate = False
+    lg.setLevel(logging.DEBUG)
+    yield lg
+    for h in list(lg.handlers):
+        lg.removeHandler(h)
+        h.close()
+
+
+plain = st.one_of(
+    st.text(max_size=30),
+    st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+)
+names = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
+    lambda k: k not in logging.makeLogRecord({}).__dict__ and k not in ("message", "asctime")
+)
+
+
+@settings(max_examples=40)
+@given(
+    args=st.lists(plain, max_size=3),
+    extra=st.dictionaries(names, plain, max_size=5),
+    limit=st.sampled_from([None, 4, 65536]),
+    options=st.sampled_from([{}, {"reserved_attrs": ["msg", "args", "pathname"]}, {"timestamp": True}]),
+)
+def test_fast_path_stores_what_the_complete_path_stores(
+    tmp_path_factory: pytest.TempPathFactory,
+    args: list[Any],
+    extra: dict[str, Any],
+    limit: int | None,
+    options: dict[str, Any],
+) -> None:
+    """Same record through both paths: the same payload (truncation markers included).
+
+    With no formatter options the writer uses ``_plain_mapping``; ``reserved_attrs``
+    leaving standard attributes out makes them fields; ``timestamp`` takes ``to_mapping``.
+    """
+    base = tmp_path_factory.mktemp("pair")
+    lg = logging.getLogger(f"quipu.fast.pair.{base.name}")
+    lg.propagate = False
+    lg.setLevel(logging.INFO)
+    fast = AuditHandler(base / "fast", max_field_chars=limit, **options)
+    complete = Complete(base / "complete", max_field_chars=limit, **options)
+    spy = Spy(fast)
+    lg.addHandler(fast)
+    lg.addHandler(complete)
+    try:
+        lg.info(" ".join(["%s"] * len(args)), *args, extra=extra)
+        assert fast.flush() and complete.flush()
+        assert spy.calls == 0
+        assert fast.metrics()["truncated"] == complete.metrics()["truncated"]
+    finally:
+        lg.removeHandler(fast)
+        lg.removeHandler(complete)
+        fast.close()
+        complete.close()
+    (got,) = payloads(base / "fast")
+    (want,) = payloads(base / "complete")
+    for key in ("seq", "ts"):
+        assert isinstance(got.pop(key), int) and isinstance(want.pop(key), int)
+    assert got == want
+    nan = [k for k, v in extra.items() if isinstance(v, float) and math.isnan(v)]
+    assert all(got[k] == "NaN" for k in nan)
+
+
+@pytest.mark.parametrize(
+    ("call", "kwargs"),
+    [
+        (("ctx %s", [1]), {}),  # a container among the arguments
+        (("ctx",), {"extra": {"ctx": {"k": [1]}}}),  # a container among the extras
+        (("ctx",), {"extra": {"obj": object()}}),  # an object: frozen or converted now
+        (("ctx",), {"extra": {"raw": bytearray(b"x")}}),  # mutable bytes
+        (("ctx %(a)s", {"a": 1}), {}),  # a mapping as the arguments
+        (({"event": "login"},), {}),  # a dict message
+        ((42,), {}),  # a non-str message
+        (("boom",), {"exc_info": (ValueError, ValueError("x"), None)}),  # an exception
+    ],
+)
+def test_what_a_shallow_copy_cannot_freeze_takes_emit(
+    tmp_path: Path, logger: logging.Logger, call: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    handler = AuditHandler(tmp_path / "s")
+    spy = Spy(handler)
+    logger.addHandler(handler)
+    logger.info("plain %s %d", "a", 1, extra={"who": "u", "n": 2.5, "flag": None})
+    assert spy.calls == 0
+    logger.info(*call, **kwargs)
+    assert spy.calls == 1
+    assert handler.flush()
+    assert len(payloads(tmp_path / "s")) == 2
+
+
+def test_late_mutation_with_a_deleted_standard_attribute(tmp_path: Path, logger: logging.Logger) -> None:
+    """A filter deleting a standard attribute breaks the positions: the record takes emit."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        del record.relativeCreated
+        return True
+
+    handler = AuditHandler(tmp_path / "s")
+    handler.addFilter(drop)
+    spy = Spy(handler)
+    logger.addHandler(handler)
+    d = {"k": [1]}
+    logger.info("deleted", extra={"ctx": d})
+    d["k"].append(2)
+    assert spy.calls == 1
+    assert handler.flush()
+    assert payloads(tmp_path / "s")[0]["ctx"] == {"k": [1]}
+
+
+def test_the_formatter_of_the_call_builds_the_record(tmp_path: Path, logger: logging.Logger) -> None:
+    """The writer builds a queued record with the formatter the handler had at the call."""
+    handler = AuditHandler(tmp_path / "s")
+    logger.addHandler(handler)
+    with paused(handler):
+        logger.info("before")
+        handler.setFormatter(AuditJsonFormatter(static_fields={"shape": "new"}))
+        logger.info("after")
+    assert handler.flush()
+    first, second = payloads(tmp_path / "s")
+    assert "shape" not in first and second["shape"] == "new"
+
+
+def test_formatter_subclass_and_object_fields_take_emit(tmp_path: Path, logger: logging.Logger) -> None:
+    """A formatter subclass, or configured fields holding objects, keep records on the caller."""
+
+    class Tagging(AuditJsonFormatter):
+        def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+            log_data["tagged"] = True
+            return log_data
+
+    handler = AuditHandler(tmp_path / "s")
+    spy = Spy(handler)
+    logger.addHandler(handler)
+    handler.setFormatter(Tagging())
+    logger.info("one")
+    handler.setFormatter(AuditJsonFormatter(static_fields={"cfg": {"k": 1}}))
+    logger.info("two")
+    handler.setFormatter(AuditJsonFormatter(static_fields={"service": "api"}))
+    logger.info("three")
+    assert spy.calls == 2
+    assert handler.flush()
+    one, two, three = payloads(tmp_path / "s")
+    assert one["tagged"] is True and two["cfg"] == {"k": 1} and three["service"] == "api"
+
+
+def test_a_closed_pipeline_refuses_the_fast_path(tmp_path: Path, logger: logging.Logger) -> None:
+    """Closing the pipeline under the handler: records go to the fallback, counted once."""
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    keep = Keep()
+    handler = AuditHandler(tmp_path / "s", fallback=keep)
+    logger.addHandler(handler)
+    logger.info("stored")
+    pipeline = handler.pipeline
+    assert pipeline is not None
+    assert pipeline.close()
+    logger.info("diverted")
+    m = handler.metrics()
+    assert keep.messages == ["diverted"]
+    assert m["rejected"] == m["fallback_ok"] == m["diverted_closed"] == 1
+    assert (m["offered"], m["accepted"], m["rejected_closed"]) == (2, 1, 1)
+    assert [p["message"] for p in payloads(tmp_path / "s")] == ["stored"]
+
+
+def test_a_builder_that_fails_still_stores_the_record(
+    tmp_path: Path, logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If building a queued record raised on the writer, the record is kept, saying why."""
+
+    def broken(self: AuditJsonFormatter, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("formatter broke")
+
+    handler = AuditHandler(tmp_path / "s")
+    logger.addHandler(handler)
+    with paused(handler):
+        logger.info("kept %s", "anyway", extra={"who": "u"})
+        monkeypatch.setattr(AuditJsonFormatter, "_plain_mapping", broken)
+        monkeypatch.setattr(AuditJsonFormatter, "to_mapping", broken)
+    assert handler.flush()
+    (payload,) = payloads(tmp_path / "s")
+    assert payload["message"] == "kept %s" and payload["level"] == "INFO"
+    assert payload["message_error"] == "RuntimeError: formatter broke"
+    m = handler.metrics()
+    assert m["written"] == 1 and m["rejected"] == 0
