@@ -422,6 +422,24 @@ def _free_name(name: str, taken: Mapping[str, Any]) -> str:
     return f"{name}#{n}"
 
 
+def _put_field(
+    out: dict[Any, Any], name: Any, value: Any, limit: int | None, cut: dict[Any, int] | None
+) -> None:
+    """Stores one extra field: plain scalars as they are, a long string cut (noted in ``cut``),
+    anything else frozen into JSON-ready values."""
+    t = type(value)
+    if t is str:
+        if limit is not None and len(value) > limit:
+            assert cut is not None
+            cut[name] = len(value)
+            value = value[:limit]
+        out[name] = value
+    elif t is int or t is float or t is bool or value is None:
+        out[name] = value
+    else:
+        out[name] = freeze(value, None, limit, cut, str(name))
+
+
 class AuditJsonFormatter(JsonFormatter):
     """A python-json-logger ``JsonFormatter`` whose output is the stored audit record.
 
@@ -604,17 +622,7 @@ class AuditJsonFormatter(JsonFormatter):
                         continue
                     if name in CORE_KEYS:
                         name = _free_name(name, out)
-                t = type(value)
-                if t is str:
-                    if limit is not None and len(value) > limit:
-                        assert cut is not None
-                        cut[name] = len(value)
-                        value = value[:limit]
-                    out[name] = value
-                elif t is int or t is float or t is bool or value is None:
-                    out[name] = value
-                else:
-                    out[name] = freeze(value, None, limit, cut, str(name))
+                _put_field(out, name, value, limit, cut)
         elif self._own_fields:
             self._add_fields(out, record, message_dict, limit, cut, event_wins=event is not None)
         else:
@@ -677,17 +685,7 @@ class AuditJsonFormatter(JsonFormatter):
                     name = _free_name(name, out)
             elif name in skip:
                 continue
-            t = type(value)
-            if t is str:
-                if limit is not None and len(value) > limit:
-                    assert cut is not None
-                    cut[name] = len(value)
-                    value = value[:limit]
-                out[name] = value
-            elif t is int or t is float or t is bool or value is None:
-                out[name] = value
-            else:
-                out[name] = freeze(value, None, limit, cut, str(name))
+            _put_field(out, name, value, limit, cut)
         if cut:
             out[TRUNCATED] = cut
         return out
