@@ -465,21 +465,13 @@ class TestSetIntegrity:
         (tmp_path / "anchor.json").write_text(anchor + "\n")
         assert cli(["verify", str(checkpointed), "--anchor", str(tmp_path / "anchor.json")]) == 1
 
-    def test_signed_set_checkpoints(self, checkpointed: Path, tmp_path: Path) -> None:
+    def test_signed_set_checkpoints(
+        self, checkpointed: Path, tmp_path: Path, ed25519_pem: tuple[Path, bytes]
+    ) -> None:
         """With --key the set checkpoint is Ed25519-signed; verify with the public key accepts it."""
-        from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
 
-        key = ed25519.Ed25519PrivateKey.generate()
-        pem = tmp_path / "k.pem"
-        pem.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        pub = key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        pem, pub = ed25519_pem
         # The fixture's unsigned checkpoint over the shards is a problem under keys; the set's
         # first one (no shards, written at creation by a process without a key) is not.
         assert any("unsigned" in r for r in _problems(checkpointed, public_keys=[pub]))
