@@ -112,6 +112,9 @@ class VerifyReport:
         pending: records beyond the spine in a live writer's in-flight window
             (not problems: the writer has not published them yet).
         records_checked: stored records re-hashed against the spine.
+        warnings: what verify could not check or found odd without it being damage
+            (signed checkpoints checked without a public key; an unsigned checkpoint
+            after signed ones). They do not make the report fail.
     """
 
     ok: bool
@@ -120,6 +123,7 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     pending: int = 0
     records_checked: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return self.ok

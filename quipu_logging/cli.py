@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Iterator, Sequence
@@ -72,7 +73,7 @@ def _sub(
     parser: argparse.ArgumentParser = sub.add_parser(
         name,
         help=help_text,
-        description=description or help_text,
+        description=textwrap.fill(description or help_text, 88),
         epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -104,9 +105,11 @@ def _parser() -> argparse.ArgumentParser:
         "check a store's integrity",
         "quipu-log verify /var/lib/app/audit --public-key audit.pub --anchor anchor.json",
         "Re-hash every record against the Merkle tree, check seq continuity, the spine, the "
-        "checkpoint chain and signatures, and that the tree extends an anchor.",
+        "checkpoint chain and signatures, and that the tree extends an anchor. Given a store "
+        "set's root, verify every shard and every set checkpoint, and (with --anchor holding a "
+        "set checkpoint) that every shard extends its anchored size.",
     )
-    p.add_argument("root", help="the store directory")
+    p.add_argument("root", help="the store directory, or a store set's root")
     p.add_argument("--public-key", action="append", default=[], metavar="PEM", help="Ed25519 public key")
     p.add_argument("--anchor", metavar="FILE", help="a checkpoint line saved elsewhere earlier")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -172,10 +175,15 @@ def _parser() -> argparse.ArgumentParser:
     p = _sub(
         sub,
         "checkpoint",
-        "write a checkpoint now (needs the writer lock)",
+        "write a checkpoint now (a store: needs the writer lock; a set: never waits for writers)",
         "quipu-log checkpoint /var/lib/app/audit --key audit.pem --export anchor.json",
+        "Write a signed (with --key) or digested checkpoint of the tree as it is now and print it. "
+        "A single store must not be open for writing (the command recovers it and takes its lock). "
+        "Given a store set's root, write a set checkpoint instead, under the set's own lock while "
+        "the shard writers go on: every shard's size and root, after reading back each shard's "
+        "records since its own last checkpoint (a damaged shard is refused, exit 1).",
     )
-    p.add_argument("root")
+    p.add_argument("root", help="the store directory, or a store set's root")
     p.add_argument("--key", metavar="PEM", help="Ed25519 private key to sign with")
     p.add_argument("--export", metavar="FILE", help="also write the checkpoint line here (an anchor)")
 
@@ -379,13 +387,31 @@ def _verify(args: argparse.Namespace) -> int:
             ) from None
         # A file that holds no checkpoint line at all is a usage error, not tampering.
         lines = [line for line in anchor.splitlines() if line.strip()]
-        parse = SetCheckpoint.from_json if is_set_root(args.root) else Checkpoint.from_json
+        is_set = is_set_root(args.root)
+        parse, other = (
+            (SetCheckpoint.from_json, Checkpoint.from_json)
+            if is_set
+            else (Checkpoint.from_json, SetCheckpoint.from_json)
+        )
+        if not lines or not lines[-1].lstrip().startswith("{"):
+            raise UsageError(f"--anchor: {args.anchor!r} does not hold a checkpoint line: no JSON line in it")
         try:
-            if not lines or not lines[-1].lstrip().startswith("{"):
-                raise ValueError("no JSON line in it")
             parse(lines[-1])
         except (ValueError, TypeError, KeyError) as e:
-            raise UsageError(f"--anchor: {args.anchor!r} does not hold a checkpoint line: {e}") from None
+            try:
+                other(lines[-1])
+            except (ValueError, TypeError, KeyError):
+                raise UsageError(f"--anchor: {args.anchor!r} does not hold a checkpoint line: {e}") from None
+            raise UsageError(
+                f"--anchor: {args.anchor!r} holds a "
+                + (
+                    "single store's checkpoint, but the root is a store set: give a set checkpoint "
+                    "(from 'quipu-log checkpoint SETROOT')"
+                    if is_set
+                    else "store set's checkpoint, but the root is a single store: give a checkpoint of "
+                    "this store"
+                )
+            ) from None
     bar = _ProgressBar() if sys.stderr.isatty() and not args.json else None
     with _open_reader(args.root) as store:
         report = store.verify(
@@ -407,6 +433,7 @@ def _verify(args: argparse.Namespace) -> int:
                         {"file": p.file, "offset": p.offset, "seq": p.seq, "reason": p.reason}
                         for p in report.problems
                     ],
+                    "warnings": report.warnings,
                 }
             )
         )
@@ -425,6 +452,9 @@ def _verify(args: argparse.Namespace) -> int:
             print(f"  {problem}")
         if len(report.problems) > 20:
             print(f"  ... and {len(report.problems) - 20} more (use --json for all)")
+    if not args.json:
+        for warning in report.warnings:
+            print(f"quipu-log: warning: {warning}", file=sys.stderr)
     return int(args.outcome)
 
 
@@ -676,15 +706,32 @@ def _check_proof(args: argparse.Namespace, path: str, trusted_root: str | None) 
 
 
 def _checkpoint(args: argparse.Namespace) -> int:
-    if is_set_root(args.root):
-        # The set's own lock, never a shard's: the shard writers go on meanwhile.
-        line = StoreSet.open(args.root, create=False).checkpoint(signing_key=args.key).to_json()
-    else:
-        line = _store_checkpoint(args)
-    print(line)
+    export = None
     if args.export:
-        with open(args.export, "w", encoding="utf-8") as f:
-            f.write(line + "\n")
+        # Opened (not truncated) before the checkpoint is written: an export path that cannot be
+        # written is a usage error that leaves no checkpoint behind without its copy.
+        created = not os.path.exists(args.export)
+        try:
+            export = os.fdopen(os.open(args.export, os.O_WRONLY | os.O_CREAT, 0o644), "w", encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"--export: cannot write {args.export!r}: {e.strerror}") from None
+    try:
+        if is_set_root(args.root):
+            # The set's own lock, never a shard's: the shard writers go on meanwhile.
+            line = StoreSet.open(args.root, create=False).checkpoint(signing_key=args.key).to_json()
+        else:
+            line = _store_checkpoint(args)
+    except BaseException:
+        if export is not None:
+            export.close()
+            if created:
+                os.unlink(args.export)
+        raise
+    print(line)
+    if export is not None:
+        with export:
+            export.truncate(0)
+            export.write(line + "\n")
         print(f"anchor written to {args.export}; keep a copy away from this host", file=sys.stderr)
     return EXIT_OK
 

@@ -640,7 +640,10 @@ class AuditHandler(logging.Handler):
                 except QueueFullError:
                     self._divert(record, "full")
                 except PipelineClosedError:
-                    self._divert(record, "closed")
+                    # A store set whose shards are all busy (or cannot be opened) says why itself.
+                    shard_set = self._set_handle
+                    busy_set = shard_set is not None and shard_set.unavailable is not None
+                    self._divert(record, "unavailable" if busy_set else "closed")
                 except PermissionDeniedError:
                     self._divert(record, "denied")
                 except Exception:
@@ -1000,7 +1003,10 @@ _REASON_TEXT: Final = {
         "a child never writes its parent's store, so its records are diverted (configure "
         "logging again in the child to give it a store of its own)"
     ),
-    "unavailable": "the audit store could not be opened (see above): records are being diverted",
+    "unavailable": (
+        "the audit store (or every shard of the store set) could not be opened (see above): "
+        "records are being diverted"
+    ),
 }
 
 

@@ -920,7 +920,8 @@ class AuditPipeline:
         if n > 0:
             self._written += n
             self._dirty = True
-            self._disk_full = False  # a successful write clears the latch
+            if self._disk_full:
+                self._clear_disk_full()
 
     def _backoff(self, attempt: int) -> None:
         delay = self.config.retry_backoff * (2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
@@ -1025,7 +1026,22 @@ class AuditPipeline:
         self._system_records += 1
         self._gap_records += 1
         self._dirty = True
-        self._disk_full = False
+        if self._disk_full:
+            self._clear_disk_full()
+
+    def _clear_disk_full(self) -> None:
+        """A successful write clears the disk-full latch, unless the file system still has no space.
+
+        A full file system still takes writes into the free part of a file's last allocated
+        block (a small gap record often fits), so success alone does not show the disk has
+        room again; the latch stays while ``statvfs`` reports no block available.
+        """
+        try:
+            free = os.statvfs(self._store.root).f_bavail
+        except OSError:
+            free = 1  # cannot tell: trust the write
+        if free > 0:
+            self._disk_full = False
 
     def _housekeeping(self) -> None:
         self._next_housekeeping = self._clock() + self.config.housekeeping_interval

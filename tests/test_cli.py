@@ -188,6 +188,16 @@ def tty(monkeypatch: pytest.MonkeyPatch, stream: str) -> None:
     monkeypatch.setattr(getattr(sys, stream), "isatty", lambda: True)
 
 
+def follow(root: Path, n: int) -> subprocess.Popen[bytes]:
+    """``quipu-log tail ROOT -n N -f`` in a subprocess, polling every 50 ms, output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "quipu_logging", "tail", str(root), "-n", str(n), "-f", "--interval", "0.05"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env(),
+    )
+
+
 class Lines:
     """Reads whole lines from a pipe with a deadline (select + os.read, no sleeping)."""
 
@@ -451,7 +461,7 @@ class TestVerify:
         assert out == f"ok: {N} records verified; tree size {N}, root {root_hex}\n"
 
     def test_json(self, capsys: pytest.CaptureFixture[str], store: Path) -> None:
-        """--json gives ok, tree_size, root, records_checked, pending and problems."""
+        """--json gives ok, tree_size, root, records_checked, pending, problems and warnings."""
         code, out, _ = run(capsys, "verify", store, "--json")
         assert code == 0
         [report] = json_lines(out)
@@ -462,6 +472,7 @@ class TestVerify:
             "records_checked": N,
             "pending": 0,
             "problems": [],
+            "warnings": [],
         }
 
     def test_flipped_payload_byte(self, capsys: pytest.CaptureFixture[str], store: Path) -> None:
@@ -989,16 +1000,45 @@ class TestTail:
         AuditStore.open(root).close()
         assert run(capsys, "tail", root) == (0, "", "")
 
+    def test_follow_a_set(self, tmp_path: Path) -> None:
+        """-f on a store set prints records appended to existing shards and to a shard born later."""
+        from quipu_logging import StoreSet
+
+        root = tmp_path / "set"
+        s = StoreSet.open(root, shards=3)
+        first = s.acquire()[1]
+        first.append({"message": "before", "ts": now_us()})
+        first.sync()
+        with follow(root, 5) as proc:
+            try:
+                lines = Lines(proc.stdout)
+                assert [json.loads(x)["message"] for x in lines.read(1)] == ["before"]
+                first.append({"message": "on shard-000", "ts": now_us()})
+                first.sync()
+                [line] = lines.read(1)
+                assert (json.loads(line)["message"], json.loads(line)["$shard"]) == (
+                    "on shard-000",
+                    "shard-000",
+                )
+                second = s.acquire()[1]  # a shard created after tail started
+                second.append({"message": "on shard-001", "ts": now_us()})
+                second.sync()
+                [line] = lines.read(1)
+                assert (json.loads(line)["message"], json.loads(line)["$shard"]) == (
+                    "on shard-001",
+                    "shard-001",
+                )
+                second.close()
+            finally:
+                proc.kill()
+                proc.communicate(timeout=WAIT)
+        first.close()
+
     def test_follow(self, tmp_path: Path) -> None:
         """-f prints the records a writer appends afterwards, in order, across segment rollovers."""
         root = tmp_path / "store"
         build(root, 5, limit=600)
-        with subprocess.Popen(
-            [sys.executable, "-m", "quipu_logging", "tail", str(root), "-n", "2", "-f", "--interval", "0.05"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=env(),
-        ) as proc:
+        with follow(root, 2) as proc:
             try:
                 lines = Lines(proc.stdout)
                 assert [json.loads(x)["seq"] for x in lines.read(2)] == [3, 4]  # tail now follows
@@ -1540,3 +1580,112 @@ class TestStats:
         [info] = json_lines(run(capsys, "stats", root, "--json")[1])
         assert (info["records"], info["tree_size"], info["first_ts"]) == (0, 0, None)
         assert "(empty)" in run(capsys, "stats", root)[1]
+
+
+class TestCheckpointExportAndAnchors:
+    def test_unwritable_export_writes_no_checkpoint(
+        self, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--export to a path that cannot be written: exit 2 before any checkpoint line is written."""
+        before = (store / "checkpoints.jsonl").read_bytes()
+        code, out, err = run(capsys, "checkpoint", store, "--export", tmp_path / "no" / "such" / "a.json")
+        assert (code, out) == (2, "")
+        assert_one_line_error(err, "--export", "cannot write")
+        assert (store / "checkpoints.jsonl").read_bytes() == before
+
+    def test_failed_checkpoint_leaves_no_export_file(
+        self, live: tuple[Path, int], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A checkpoint refused (live store) removes the export file it had created."""
+        root, _pid = live
+        code, _out, _err = run(capsys, "checkpoint", root, "--export", tmp_path / "a.json")
+        assert code == 2
+        assert not (tmp_path / "a.json").exists()
+
+    def test_export_replaces_an_older_anchor(
+        self, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """An existing export file is replaced by the new line (not appended to, not left longer)."""
+        target = tmp_path / "a.json"
+        target.write_text("x" * 5000 + "\n")
+        code, out, _err = run(capsys, "checkpoint", store, "--export", target)
+        assert code == 0
+        assert target.read_text() == out
+
+    def test_anchor_of_the_other_kind_is_named(
+        self, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A set checkpoint given to a store (and back) is a usage error that says which is which."""
+        from quipu_logging import StoreSet
+
+        StoreSet.open(tmp_path / "set", shards=2)
+        code, set_line, _ = run(capsys, "checkpoint", tmp_path / "set")
+        assert code == 0
+        (tmp_path / "set.json").write_text(set_line)
+        code, _out, err = run(capsys, "verify", store, "--anchor", tmp_path / "set.json")
+        assert code == 2
+        assert_one_line_error(err, "store set's checkpoint", "single store")
+        code, store_line, _ = run(capsys, "checkpoint", store)
+        (tmp_path / "store.json").write_text(store_line)
+        code, _out, err = run(capsys, "verify", tmp_path / "set", "--anchor", tmp_path / "store.json")
+        assert code == 2
+        assert_one_line_error(err, "single store's checkpoint", "store set")
+
+    @pytest.mark.parametrize(
+        "line",
+        [
+            '{"created_at": 1, "set": "00", "prev": "00", "key_id": "k", "sig": ""}',
+            '{"created_at": 1, "set": "00", "shards": 5, "prev": "00", "key_id": "k", "sig": ""}',
+            '{"created_at": 1, "set": "00", "shards": [7], "prev": "00", "key_id": "k", "sig": ""}',
+        ],
+    )
+    def test_bad_set_anchor_says_what_is_wrong_in_words(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str
+    ) -> None:
+        """A malformed set anchor names the field, never a Python exception repr."""
+        from quipu_logging import StoreSet
+
+        StoreSet.open(tmp_path / "set", shards=2)
+        (tmp_path / "a.json").write_text(line + "\n")
+        code, _out, err = run(capsys, "verify", tmp_path / "set", "--anchor", tmp_path / "a.json")
+        assert code == 2
+        assert_one_line_error(err, "--anchor", "not a set checkpoint")
+        assert "Error(" not in err and "shards" in err
+
+
+class TestSigningWarnings:
+    def test_unchecked_signatures_and_an_unsigned_line_after_signed_ones(
+        self, tmp_path: Path, ed25519_pem: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Without --public-key verify passes, warning of unchecked signatures and unsigned-after-signed."""
+        pem, public = ed25519_pem
+        root = tmp_path / "store"
+        build(root, 5, key=pem)
+        code, out, err = run(capsys, "verify", root)
+        assert code == 0 and out.startswith("ok:")
+        assert "not checked against a key" in err and "is unsigned" not in err
+        build(root, 8, start=5)  # a writer without the key appends and checkpoints
+        code, out, err = run(capsys, "verify", root, "--json")
+        report = json.loads(out)
+        assert code == 0 and report["ok"]
+        assert any("is unsigned although an earlier checkpoint is signed" in w for w in report["warnings"])
+        (tmp_path / "pub.pem").write_bytes(public)
+        code, _out, _err = run(capsys, "verify", root, "--public-key", tmp_path / "pub.pem")
+        assert code == 1  # with the key, the unsigned checkpoint is a problem
+
+    def test_set_checkpoint_unsigned_after_signed(
+        self, tmp_path: Path, ed25519_pem: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """The same warning for set checkpoints."""
+        from quipu_logging import StoreSet
+
+        pem, _public = ed25519_pem
+        s = StoreSet.open(tmp_path / "set", shards=2)
+        s.acquire()[1].close()
+        assert run(capsys, "checkpoint", tmp_path / "set", "--key", pem)[0] == 0
+        code, _out, err = run(capsys, "verify", tmp_path / "set")
+        assert code == 0 and "is unsigned" not in err
+        assert run(capsys, "checkpoint", tmp_path / "set")[0] == 0
+        code, _out, err = run(capsys, "verify", tmp_path / "set")
+        assert code == 0
+        assert "set checkpoint line 3 is unsigned although an earlier checkpoint is signed" in err

@@ -155,7 +155,10 @@ class TestBusy:
         assert sorted(r.i for r in fallback.records) == list(range(8))
         m = h.metrics()
         assert m["handed_off"] + m["rejected"] == 8 and m["written"] == 0
+        # Diverted as "unavailable" (every shard busy), not as a closed pipeline.
+        assert m["diverted_closed"] == 0 and m["diverted_unavailable"] == m["rejected"] > 0
         err = capfd.readouterr().err
+        assert "could not be opened" in err and "is closed or its writer" not in err
         assert (
             f"all 1 shards of store set {str(root.resolve())!r} are busy (held by pids {os.getpid()})" in err
         )

@@ -270,6 +270,34 @@ def load_public_keys(keys: Iterable[Any]) -> dict[str, Any]:
     return out
 
 
+UNSIGNED_UNDER_KEYS = "checkpoint is unsigned but public keys were given"
+
+
+def signing_warnings(entries: Iterable[tuple[str, bool]], keys_given: bool) -> list[str]:
+    """Warnings about signatures verify could not rely on, for ``(where, signed)`` checkpoints in order.
+
+    Without public keys a signature cannot be checked, so: say how many went unchecked,
+    and point at an unsigned checkpoint after a signed one (someone without the key wrote
+    it). With keys, an unsigned checkpoint is a problem already (:func:`check_signature`).
+    """
+    out: list[str] = []
+    signed = 0
+    for where, is_signed in entries:
+        if is_signed:
+            signed += 1
+        elif signed and not keys_given:
+            out.append(
+                f"{where} is unsigned although an earlier checkpoint is signed: it was written without "
+                "the signing key (verify with the public key to make this a failure)"
+            )
+    if signed and not keys_given:
+        out.append(
+            f"{signed} signed checkpoint(s) were not checked against a key: give the public key "
+            "(--public-key / public_keys=) to verify their signatures"
+        )
+    return out
+
+
 def check_signature(cp: Checkpoint, keys: Mapping[str, Any]) -> str | None:
     """Checks one checkpoint's ``sig``; returns why it fails, or ``None``.
 
@@ -280,7 +308,7 @@ def check_signature(cp: Checkpoint, keys: Mapping[str, Any]) -> str | None:
     message = cp.message()
     if not cp.signed:
         if keys:
-            return "checkpoint is unsigned but public keys were given (expected a signature)"
+            return UNSIGNED_UNDER_KEYS + " (expected a signature)"
         if cp.sig != hashlib.sha256(message).hexdigest():
             return "checkpoint digest does not match its fields (edited)"
         return None

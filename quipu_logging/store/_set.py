@@ -141,8 +141,50 @@ def default_shard_limit() -> int:
 
 
 def is_set_root(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is the root of a store set (it holds a ``SET`` file)."""
-    return os.path.isfile(os.path.join(os.fspath(path), SET_FILE))
+    """True when ``path`` is the root of a store set.
+
+    That is: it holds a ``SET`` file, or (a damaged set) no ``SET`` file and no ``FORMAT``
+    file but set checkpoints or shard directories.
+    """
+    root = os.fspath(path)
+    if os.path.isfile(os.path.join(root, SET_FILE)):
+        return True
+    return not os.path.exists(os.path.join(root, "FORMAT")) and bool(set_markers(root))
+
+
+def set_markers(root: str) -> list[str]:
+    """What shows a store set lived in ``root``: ``set-checkpoints.jsonl`` and shard directories."""
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    return sorted(
+        n
+        for n in names
+        if n == SET_CHECKPOINTS or (shard_index(n) is not None and os.path.isdir(os.path.join(root, n)))
+    )
+
+
+def missing_set_file(root: str) -> None:
+    """Raises when ``root`` holds a store set whose ``SET`` file is gone.
+
+    A new ``SET`` file would not match the digest the set checkpoints carry, and would
+    launder the deletion; so it is never re-created over an existing set.
+
+    Raises:
+        CorruptionError: ``root`` has no ``SET`` file but holds set checkpoints or shards.
+    """
+    markers = set_markers(root)
+    if markers and not os.path.exists(os.path.join(root, "FORMAT")):
+        shown = ", ".join(markers[:4]) + (", ..." if len(markers) > 4 else "")
+        raise CorruptionError(
+            os.path.join(root, SET_FILE),
+            None,
+            f"the SET file is missing from the store set {root!r}, which still holds {shown}: it was "
+            "deleted or lost. It is not re-created (a new one would not match the set checkpoints): "
+            f"restore it from a backup. 'quipu-log verify {root}' reports the damage; the shards stay "
+            "readable",
+        )
 
 
 def parse_shards_option(shards: Any, what: str = "shards") -> int | None:
@@ -284,8 +326,12 @@ class SetCheckpoint:
                 key_id=key_id,
                 sig=sig,
             )
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"not a set checkpoint: {e!r}") from None
+        except KeyError as e:
+            raise ValueError(f"not a set checkpoint: it lacks the field {e.args[0]!r}") from None
+        except TypeError:
+            raise ValueError(
+                "not a set checkpoint: 'shards' must be a list of objects with index, tree_size and root"
+            ) from None
 
 
 def _uint(value: Any) -> int:
@@ -364,12 +410,18 @@ class StoreSet:
         real = os.path.realpath(os.fspath(root))
         path = os.path.join(real, SET_FILE)
         if not os.path.isfile(path):
+            missing_set_file(real)
             if not create:
                 raise NotAStoreError(f"{real!r} is not a store set (no SET file)")
             cls._create(real, wanted if wanted is not None else default_shard_limit())
         with open(path, "rb") as f:
             data = f.read()
-        return cls(real, read_set_limit(data, path), data)
+        found = cls(real, read_set_limit(data, path), data)
+        if not os.path.exists(os.path.join(real, SET_CHECKPOINTS)) and not found.shard_indices():
+            # A crash between the SET file and its creation checkpoint (see _create): bind the
+            # SET file now, before any shard exists, so verify can require the creation line.
+            found._bind_set_file()
+        return found
 
     @staticmethod
     def _create(root: str, limit: int) -> None:
@@ -413,7 +465,13 @@ class StoreSet:
             # Bind the SET file's bytes from the start (see the module docstring).
             with open(os.path.join(root, SET_FILE), "rb") as f:
                 data = f.read()
-            StoreSet(root, limit, data).checkpoint(include_shards=False)
+            StoreSet(root, limit, data)._bind_set_file()
+
+    def _bind_set_file(self) -> None:
+        """Writes the creation checkpoint (no shards) unless a set checkpoint exists already."""
+        with self._checkpoint_lock():
+            if not self.checkpoints():
+                self._write_checkpoint(Signer(None), include_shards=False)
 
     # ------------------------------------------------------------------ shards
 
@@ -492,10 +550,21 @@ class StoreSet:
             return []
 
     def shard_states(self) -> list[ShardState]:
-        """Every present shard's tree size and root, read without a lock, after fsyncing its files."""
+        """Every present shard's tree size and root, read without a lock, after fsyncing its files.
+
+        Each shard's records after its own last checkpoint (the writer's crash window, at
+        most one segment: a writer checkpoints at every segment roll) are read back and
+        checked against its spine first, as the writer's recovery would: a set checkpoint
+        never states a record a shard no longer holds.
+
+        Raises:
+            CorruptionError: a shard lacks records its spine holds, or one changed.
+            NotAStoreError: a shard directory is not a store.
+        """
         states = []
         for index in self.shard_indices():
             shard_root = self.shard_root(index)
+            _fsync_shard(shard_root)
             try:
                 reader = AuditStore.open_reader(shard_root)
             except NotAStoreError:
@@ -504,8 +573,9 @@ class StoreSet:
                 raise
             with reader:
                 size = reader.tree_size
+                own = reader.last_checkpoint
+                reader._check_tail(own.tree_size if own is not None and own.tree_size <= size else 0)
                 root = reader.merkle_root(size)
-            _fsync_shard(shard_root)
             states.append(ShardState(index, size, root))
         return states
 
@@ -531,36 +601,40 @@ class StoreSet:
             ConfigError: the signing key cannot be loaded.
         """
         signer = Signer(os.fspath(signing_key) if signing_key is not None else None)
-        path = os.path.join(self.root, SET_CHECKPOINTS)
         with self._checkpoint_lock():
-            lines = self.checkpoints()
-            prev = ZERO_DIGEST
-            if lines:
-                number, last, error = lines[-1]
-                if last is None:
-                    raise CorruptionError(path, None, f"line {number} is not a set checkpoint ({error})")
-                prev = last.digest()
-            states = tuple(self.shard_states()) if include_shards else ()
-            cp = SetCheckpoint(
-                created_at=_now_us(),
-                set_digest=hashlib.sha256(self.set_bytes).digest(),
-                shards=states,
-                prev=prev,
-                key_id=signer.key_id,
-                sig="",
-            )
-            cp = replace(cp, sig=signer.sign(cp.message()))
-            created = not os.path.exists(path)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                data = (cp.to_json() + "\n").encode("ascii")
-                while data:
-                    data = data[os.write(fd, data) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if created:
-                _fsync_dir(self.root)
+            return self._write_checkpoint(signer, include_shards=include_shards)
+
+    def _write_checkpoint(self, signer: Signer, *, include_shards: bool) -> SetCheckpoint:
+        # Called with the checkpoint lock held.
+        path = os.path.join(self.root, SET_CHECKPOINTS)
+        lines = self.checkpoints()
+        prev = ZERO_DIGEST
+        if lines:
+            number, last, error = lines[-1]
+            if last is None:
+                raise CorruptionError(path, None, f"line {number} is not a set checkpoint ({error})")
+            prev = last.digest()
+        states = tuple(self.shard_states()) if include_shards else ()
+        cp = SetCheckpoint(
+            created_at=_now_us(),
+            set_digest=hashlib.sha256(self.set_bytes).digest(),
+            shards=states,
+            prev=prev,
+            key_id=signer.key_id,
+            sig="",
+        )
+        cp = replace(cp, sig=signer.sign(cp.message()))
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            data = (cp.to_json() + "\n").encode("ascii")
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if created:
+            _fsync_dir(self.root)
         return cp
 
 

@@ -35,7 +35,7 @@ import orjson
 from .._types import ConsistencyProof, InclusionProof, Page, Problem, StoredRecord, VerifyReport
 from ..errors import CorruptionError, FormatVersionError, NotAStoreError, QueryError, StoreClosedError
 from . import merkle
-from ._checkpoint import ZERO_DIGEST, load_public_keys
+from ._checkpoint import UNSIGNED_UNDER_KEYS, ZERO_DIGEST, load_public_keys, signing_warnings
 from ._config import StoreConfig
 from ._fileio import FileLayer
 from ._lock import is_locked
@@ -48,6 +48,7 @@ from ._set import (
     ShardState,
     StoreSet,
     _is_unborn_shard,
+    is_set_root,
     parse_set_checkpoints,
     read_set_limit,
     shard_index,
@@ -83,15 +84,23 @@ class StoreSetReader(AuditStore):
         real = os.path.realpath(os.fspath(root))
         super().__init__(StoreConfig(root=real), file_layer or FileLayer(), writable=False)
         self._set_path = os.path.join(real, SET_FILE)
-        with open(self._set_path, "rb") as f:
-            self._set_bytes = f.read()
         self._set_error: str | None = None
+        self._set_missing = False
+        self.limit: int | None = None
         try:
-            self.limit: int | None = read_set_limit(self._set_bytes, self._set_path)
-        except CorruptionError as e:
-            # Reading goes on (shards are stores of their own); verify reports it.
-            self.limit = None
-            self._set_error = e.reason
+            with open(self._set_path, "rb") as f:
+                self._set_bytes = f.read()
+        except FileNotFoundError:
+            # A set whose SET file was deleted (open_set_reader checked it is a set): reading
+            # goes on, shards being stores of their own; verify reports it.
+            self._set_bytes = b""
+            self._set_missing = True
+            self._set_error = "the SET file is missing (deleted or lost): restore it from a backup"
+        else:
+            try:
+                self.limit = read_set_limit(self._set_bytes, self._set_path)
+            except CorruptionError as e:
+                self._set_error = f"the SET file is damaged or was edited: {e.reason}"
         self._set_id = hashlib.sha256(self._set_bytes).hexdigest()[:16]
         self._file_layer = file_layer
         self._readers: dict[str, AuditStore] = {}
@@ -387,9 +396,7 @@ class StoreSetReader(AuditStore):
         keys = load_public_keys([public_keys] if isinstance(public_keys, (str, bytes)) else public_keys)
         set_digest = hashlib.sha256(self._set_bytes).digest()
         if self._set_error is not None:
-            problems.append(
-                Problem(set_path, 0, None, f"the SET file is damaged or was edited: {self._set_error}")
-            )
+            problems.append(Problem(set_path, 0 if self._set_bytes else None, None, self._set_error))
         # The shards present, and whether they may be there.
         names = []
         for name in sorted(os.listdir(self.root)):
@@ -436,6 +443,7 @@ class StoreSetReader(AuditStore):
                 Problem(os.path.join(self.root, name), None, None, f"the shard cannot be read: {reason}")
             )
         total = self.tree_size
+        shard_warnings: list[str] = []
         done = 0
         pending = 0
         checked = 0
@@ -445,8 +453,14 @@ class StoreSetReader(AuditStore):
                 if progress is not None:
                     progress(base + n, total)
 
-            report = reader.verify(progress=shard_progress if progress is not None else None)
-            problems.extend(report.problems)
+            report = reader.verify(
+                public_keys=list(keys.values()),
+                progress=shard_progress if progress is not None else None,
+            )
+            # A shard's own checkpoints are signed when its writer had a key; unsigned ones are
+            # not a problem here: the (signed) set checkpoints state every shard's root.
+            problems.extend(p for p in report.problems if not p.reason.startswith(UNSIGNED_UNDER_KEYS))
+            shard_warnings.extend(f"{reader.root}: {w}" for w in report.warnings)
             pending += report.pending
             checked += report.records_checked
             done += reader.tree_size
@@ -458,6 +472,20 @@ class StoreSetReader(AuditStore):
                 lines = parse_set_checkpoints(f.read())
         except FileNotFoundError:
             pass
+        # The creation checkpoint (no shards) is written with the SET file, before any shard
+        # can exist (StoreSet.open): without it, the SET file's bytes were never bound.
+        first = lines[0][1] if lines else None
+        if (not lines and names) or (first is not None and first.shards):
+            problems.append(
+                Problem(
+                    cp_path,
+                    None,
+                    None,
+                    "the set's creation checkpoint (the first line, which binds the SET file before "
+                    "any shard exists) is gone: set-checkpoints.jsonl was "
+                    + ("deleted or emptied" if not lines else "replaced or its first lines removed"),
+                )
+            )
         prev = ZERO_DIGEST
         for number, cp, error in lines:
             where = f"line {number}"
@@ -498,12 +526,17 @@ class StoreSetReader(AuditStore):
             problems=problems,
             pending=pending,
             records_checked=checked,
+            warnings=shard_warnings
+            + signing_warnings(
+                ((f"set checkpoint line {n}", cp.signed) for n, cp, _ in lines if cp is not None),
+                bool(keys),
+            ),
         )
 
     def _check_statement(self, cp: SetCheckpoint, set_digest: bytes, what: str, file: str) -> list[Problem]:
         """Problems with the current set against one set checkpoint (or anchor)."""
         out = []
-        if cp.set_digest != set_digest:
+        if cp.set_digest != set_digest and not self._set_missing:  # a missing one is reported once
             out.append(
                 Problem(
                     self._set_path,
@@ -600,12 +633,12 @@ def open_set_reader(root: str | os.PathLike[str], *, file_layer: FileLayer | Non
         FormatVersionError: an incompatible set version.
     """
     path = os.path.join(os.fspath(root), SET_FILE)
-    if not os.path.isfile(path):
+    if not is_set_root(root):
         raise NotAStoreError(f"{os.fspath(root)!r} is not a store set (no SET file)")
     try:
         with open(path, "rb") as f:
             read_set_limit(f.read(), path)
-    except CorruptionError:
+    except (CorruptionError, FileNotFoundError):
         pass  # readable as shards; verify reports the SET file
     except FormatVersionError:
         raise

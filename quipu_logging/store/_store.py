@@ -47,6 +47,7 @@ from ._checkpoint import (
     check_signature,
     load_public_keys,
     parse_checkpoint_lines,
+    signing_warnings,
 )
 from ._config import RetentionPolicy, StoreConfig, SyncPolicy
 from ._encode import encode_event, encode_system
@@ -235,8 +236,11 @@ class AuditStore:
             NotAStoreError: ``root`` is not a store.
             FormatVersionError: the store was written by an incompatible release.
         """
-        if os.path.isfile(os.path.join(os.fspath(root), "SET")):
-            # A store set: one reader over every shard (see _setread.py).
+        from ._set import is_set_root
+
+        if is_set_root(root):
+            # A store set (its SET file may be missing: verify reports that): one reader over
+            # every shard (see _setread.py).
             from ._setread import open_set_reader
 
             return open_set_reader(root, file_layer=file_layer)
@@ -627,6 +631,42 @@ class AuditStore:
                 f"but only {len(out)} could be read",
             )
         return out
+
+    def _check_tail(self, start: int) -> None:
+        """Read-verifies records ``[start, tree_size)``: each is in the segments and hashes to its leaf.
+
+        What the writer's recovery checks after the last checkpoint, for a reader about to
+        vouch for this tree without opening the store for writing (a set checkpoint): the
+        spine must not state a record the segments no longer hold, or one that changed.
+
+        Raises:
+            CorruptionError: the first record missing, or changed after it was hashed.
+        """
+        spine = self._require_spine()
+        end = spine.size
+        if start >= end:
+            return
+        stored = spine.leaves(start, end)
+        seq = start
+        for found, leaf, _payload, seg, pos in self._iter_records(start, end):
+            if found != seq:
+                break  # a gap: seq is missing
+            if leaf != stored[seq - start]:
+                raise CorruptionError(
+                    seg.path,
+                    pos,
+                    "the record does not match its Merkle leaf: it was changed after it was hashed",
+                    seq=seq,
+                )
+            seq += 1
+        if seq < end:
+            raise CorruptionError(
+                self._log_dir,
+                None,
+                f"the Merkle tree holds {end} records but the segments lack seq {seq}..{end - 1}: "
+                "records were lost (a power loss) or removed after they were hashed",
+                seq=seq,
+            )
 
     def _create_segment(self, number: int, base_index: int) -> None:
         path = os.path.join(self._log_dir, fmt.segment_name(number))
@@ -2020,6 +2060,10 @@ class AuditStore:
         if anchor is not None:
             self._verify_anchor(anchor, keys, tree, problems)
         problems = _dedupe(problems)
+        warnings = signing_warnings(
+            ((f"checkpoint at offset {offset}", cp.signed) for offset, cp, _ in lines if cp is not None),
+            bool(keys),
+        )
         return VerifyReport(
             ok=not problems,
             tree_size=tree,
@@ -2027,6 +2071,7 @@ class AuditStore:
             problems=problems,
             pending=pending,
             records_checked=checked,
+            warnings=warnings,
         )
 
     def _reload_lines(self) -> list[tuple[int, Checkpoint | None, str]]:

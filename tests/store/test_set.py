@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from hypothesis import strategies as st
 from quipu_logging import (
     AuditStore,
     ConfigError,
+    CorruptionError,
     FormatVersionError,
     NotAStoreError,
     QueryError,
@@ -31,6 +34,7 @@ from quipu_logging import (
     StoreSetReader,
 )
 from quipu_logging.cli import main as cli
+from quipu_logging.store import _format as fmt
 from quipu_logging.store._set import default_shard_limit
 
 T0 = 1_700_000_000_000_000
@@ -525,3 +529,168 @@ class TestCli:
         assert cli(["retention", str(set_root), "--max-age", "1d"]) == 2
         assert cli(["checkpoint", str(set_root)]) == 0  # a set checkpoint never needs a writer lock
         live.close()
+
+
+# ------------------------------------------------------------------------------ damage found late
+
+
+class TestMissingSetFile:
+    """A set whose SET file was deleted is damaged: never silently re-created, and verify says so."""
+
+    @pytest.fixture
+    def orphaned(self, checkpointed: Path) -> Path:
+        (checkpointed / "SET").unlink()
+        return checkpointed
+
+    def test_open_refuses_to_recreate_it(self, orphaned: Path) -> None:
+        """StoreSet.open does not write a new SET file into an existing set (it would bind a new one)."""
+        with pytest.raises(CorruptionError, match="SET file is missing") as info:
+            StoreSet.open(orphaned, shards=4)
+        assert str(orphaned) in str(info.value)
+        assert not (orphaned / "SET").exists()
+
+    def test_checkpoint_lines_alone_mark_a_set(self, set_root: Path) -> None:
+        """Even with no shard yet, set-checkpoints.jsonl without SET is a damaged set, not a new one."""
+        StoreSet.open(set_root, shards=2)
+        (set_root / "SET").unlink()
+        with pytest.raises(CorruptionError, match="SET file is missing"):
+            StoreSet.open(set_root, shards=2)
+
+    def test_handler_diverts_with_a_clear_message(
+        self, orphaned: Path, capfd: pytest.CaptureFixture[str]
+    ) -> None:
+        """An app restarted on the damaged set sends its records to the fallback and says why."""
+        import logging
+
+        from quipu_logging import AuditHandler
+
+        seen: list[logging.LogRecord] = []
+
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                seen.append(record)
+
+        handler = AuditHandler(orphaned, shards=4, fallback=Keep())
+        log = logging.getLogger(f"test.set.orphaned.{id(handler)}")
+        log.propagate = False
+        log.addHandler(handler)
+        try:
+            log.warning("after the SET file went", extra={"actor": "u1"})
+            handler.flush(timeout=5)
+        finally:
+            log.removeHandler(handler)
+            handler.close()
+        assert [r.getMessage() for r in seen] == ["after the SET file went"]
+        assert handler.unavailable is not None and "SET file is missing" in handler.unavailable
+        assert "SET file is missing" in capfd.readouterr().err
+        assert not (orphaned / "SET").exists()
+
+    def test_still_readable(self, orphaned: Path) -> None:
+        """The shards stay readable (a reader over the set), so the records can be recovered."""
+        with AuditStore.open_reader(orphaned) as reader:
+            assert isinstance(reader, StoreSetReader)
+            assert len(list(reader.scan())) == 13
+
+    def test_verify_reports_tampering(self, orphaned: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """verify (API and CLI) reports the missing SET file as a problem: exit 1, not a usage error."""
+        assert any("SET file is missing" in r for r in _problems(orphaned))
+        assert cli(["verify", str(orphaned)]) == 1
+        assert "SET file is missing" in capsys.readouterr().out
+
+
+class TestCreationCheckpoint:
+    def test_replaced_checkpoint_file_is_reported(self, checkpointed: Path) -> None:
+        """Edited SET + a fresh set-checkpoints.jsonl: verify reports the lost creation checkpoint."""
+        info = orjson.loads((checkpointed / "SET").read_bytes())
+        info["shards"] = 64
+        (checkpointed / "SET").write_bytes(orjson.dumps(info, option=orjson.OPT_SORT_KEYS) + b"\n")
+        (checkpointed / "set-checkpoints.jsonl").unlink()
+        assert any("creation checkpoint" in r for r in _problems(checkpointed))
+        StoreSet.open(checkpointed).checkpoint()
+        assert any("creation checkpoint" in r for r in _problems(checkpointed))
+
+    def test_crash_before_the_creation_checkpoint_heals(self, set_root: Path) -> None:
+        """A crash between the SET file and its first checkpoint: the next open writes the creation line."""
+        StoreSet.open(set_root, shards=2)
+        (set_root / "set-checkpoints.jsonl").unlink()
+        s = StoreSet.open(set_root, shards=2)
+        lines = s.checkpoints()
+        assert len(lines) == 1 and lines[0][1] is not None and lines[0][1].shards == ()
+        _make_set(set_root, [2], limit=2)
+        assert _problems(set_root) == []
+
+
+def _frame_offsets(segment: Path) -> list[int]:
+    """The offsets of a segment's frames (u32 LE length, u32 LE CRC-32, payload)."""
+    data = segment.read_bytes()
+    offsets = []
+    pos = fmt.SEGMENT_HEADER
+    while pos + fmt.FRAME_HEADER <= len(data):
+        (length,) = struct.unpack_from("<I", data, pos)
+        offsets.append(pos)
+        pos += fmt.FRAME_HEADER + length
+    return offsets
+
+
+def _cut_last_records(shard: Path, n: int) -> None:
+    """Removes the last n frames of a shard's newest segment (what a power loss or a hand can do)."""
+    seg = sorted((shard / "log").glob("*.log"))[-1]
+    seg.write_bytes(seg.read_bytes()[: _frame_offsets(seg)[-n]])
+
+
+class TestCheckpointChecksShards:
+    """A set checkpoint never vouches for records a shard no longer holds."""
+
+    def test_refuses_a_shard_shorter_than_its_spine(
+        self, set_root: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Records cut from a shard after its last checkpoint: checkpoint refuses (exit 1), states nothing."""
+        s = StoreSet.open(set_root, shards=3)
+        _, a = s.acquire()
+        _, b = s.acquire()
+        _fill(a, 5, tag="a")
+        b.checkpoint()
+        _fill(b, 6, tag="b")
+        b._spine.sync()  # type: ignore[union-attr]
+        a.close()
+        b._release_all()  # the process dies: no close(), no final checkpoint
+        _cut_last_records(set_root / "shard-001", 2)
+        before = (set_root / "set-checkpoints.jsonl").read_bytes()
+        with pytest.raises(CorruptionError, match="shard-001"):
+            s.checkpoint()
+        assert cli(["checkpoint", str(set_root)]) == 1
+        err = capsys.readouterr().err
+        assert "shard-001" in err and "seq 4" in err
+        assert (set_root / "set-checkpoints.jsonl").read_bytes() == before
+
+    def test_refuses_a_record_changed_after_hashing(self, set_root: Path) -> None:
+        """A record edited (CRC fixed) in the crash window: checkpoint refuses rather than vouch for it."""
+        s = StoreSet.open(set_root, shards=2)
+        _, a = s.acquire()
+        _fill(a, 4, tag="a")
+        a._spine.sync()  # type: ignore[union-attr]
+        a._release_all()
+        seg = sorted((set_root / "shard-000" / "log").glob("*.log"))[-1]
+        data = bytearray(seg.read_bytes())
+        pos = fmt.SEGMENT_HEADER
+        (length,) = struct.unpack_from("<I", data, pos)
+        payload = bytes(data[pos + 8 : pos + 8 + length]).replace(b'"a 0"', b'"A 0"')
+        assert len(payload) == length
+        data[pos + 8 : pos + 8 + length] = payload
+        struct.pack_into("<I", data, pos + 4, zlib.crc32(payload))
+        seg.write_bytes(bytes(data))
+        with pytest.raises(CorruptionError, match="seq 0"):
+            s.checkpoint()
+
+    def test_live_and_intact_shards_are_stated(self, set_root: Path) -> None:
+        """The check passes intact shards, live writers included, and states their full size."""
+        s = StoreSet.open(set_root, shards=2)
+        _, a = s.acquire()
+        _, b = s.acquire()
+        _fill(a, 7, tag="a")
+        _fill(b, 3, tag="b")
+        b.close()
+        cp = s.checkpoint()
+        assert [(x.name, x.tree_size) for x in cp.shards] == [("shard-000", 7), ("shard-001", 3)]
+        a.close()
+        assert _problems(set_root) == []
