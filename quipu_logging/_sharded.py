@@ -180,6 +180,12 @@ class ShardedHandle(AuditHandle):
         except Exception as e:
             self._fail(e)
             return
+        if self.set.skipped:
+            _stderr(
+                f"quipu_logging: store set {self.set.root!r}: passed over {'; '.join(self.set.skipped)}. "
+                f"Process {os.getpid()} writes {shard_name(index)}; 'quipu-log verify {self.set.root}' "
+                "reports the damage.\n"
+            )
         with self._lock:
             pending, self._pending = self._pending, []
             closing = self._state == _CLOSED

@@ -47,7 +47,7 @@ from .store import AuditStore, RetentionPolicy, StoreConfig, StoreSet, merkle
 from .store._checkpoint import Checkpoint
 from .store._config import parse_duration_us
 from .store._lock import is_locked, read_holder_pid
-from .store._set import SetCheckpoint, is_set_root
+from .store._set import SetCheckpoint, is_set_root, not_a_shard, shard_index, shard_name
 
 __all__ = ["main"]
 
@@ -360,6 +360,16 @@ def _require_offline(root: str) -> None:
         raise NotAStoreError(f"{root!r} is not an audit store (no FORMAT file)")
 
 
+def _refuse_inside(path: str, root: str, option: str) -> None:
+    """An output file inside the store (or set) could overwrite its own files: a usage error."""
+    store = os.path.realpath(root)
+    if os.path.commonpath([os.path.realpath(path), store]) == store:
+        raise UsageError(
+            f"{option}: {path!r} is inside the store {root!r}; write it elsewhere (a file there could "
+            "overwrite the store's own files, and an anchor belongs away from the store anyway)"
+        )
+
+
 def _live_message(root: str, pid: int | None) -> str:
     holder = f" (pid {pid})" if pid is not None else ""  # never "(pid None)"
     return (
@@ -589,7 +599,13 @@ def _emit(records: Sequence[StoredRecord], as_json: bool) -> None:
 def _export(args: argparse.Namespace) -> int:
     since = _parse_time(args.since, "since")
     until = _parse_time(args.until, "until")
-    out: TextIO = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115
+    out: TextIO = sys.stdout
+    if args.out:
+        _refuse_inside(args.out, args.root, "--out")
+        try:
+            out = open(args.out, "w", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise UsageError(f"--out: cannot write {args.out!r}: {e.strerror}") from None
     count = 0
     try:
         with _open_reader(args.root) as store:
@@ -627,9 +643,13 @@ def _prove(args: argparse.Namespace) -> int:
     if args.shard is not None:
         if not is_set_root(root):
             raise UsageError(f"--shard: {root!r} is not a store set")
-        name = f"shard-{int(args.shard):03d}" if args.shard.isdigit() else args.shard
+        text = args.shard
+        index = int(text) if text.isascii() and text.isdigit() else shard_index(text)
+        if index is None:
+            raise UsageError(f"--shard: expected a shard name (shard-001) or number (1), got {text!r}")
+        name = shard_name(index)
         root = os.path.join(root, name)
-        if not os.path.isdir(root):
+        if not os.path.isdir(root) or not_a_shard(root) is not None:
             raise UsageError(f"--shard: the set has no shard {name!r}")
     with _open_reader(root) as store:
         if args.consistency:
@@ -708,6 +728,7 @@ def _check_proof(args: argparse.Namespace, path: str, trusted_root: str | None) 
 def _checkpoint(args: argparse.Namespace) -> int:
     export = None
     if args.export:
+        _refuse_inside(args.export, args.root, "--export")
         # Opened (not truncated) before the checkpoint is written: an export path that cannot be
         # written is a usage error that leaves no checkpoint behind without its copy.
         created = not os.path.exists(args.export)
@@ -768,11 +789,13 @@ def _store_roots(root: str) -> list[str]:
     """The store directories behind ``root``: itself, or a set's shards."""
     if not is_set_root(root):
         return [root]
-    found = StoreSet.open(root, create=False)
+    # Listed directly, not through StoreSet.open: a damaged set (say its SET file is gone)
+    # still has shards to read.
+    names = sorted(n for n in os.listdir(root) if shard_index(n) is not None)
     return [
-        found.shard_root(i)
-        for i in found.shard_indices()
-        if os.path.isfile(os.path.join(found.shard_root(i), "FORMAT"))
+        os.path.join(root, n)
+        for n in names
+        if not_a_shard(os.path.join(root, n)) is None and os.path.isfile(os.path.join(root, n, "FORMAT"))
     ]
 
 
@@ -808,7 +831,9 @@ def _stats(args: argparse.Namespace) -> int:
     ]
     if info.get("set"):
         live = sum(1 for root in roots if is_locked(root))
-        lines.insert(0, ("shards", f"{len(info['shards'])} of at most {info['shard_limit']} ({live} live)"))
+        limit = info["shard_limit"]
+        bound = f"of at most {limit}" if limit is not None else "(limit unknown: the SET file is damaged)"
+        lines.insert(0, ("shards", f"{len(info['shards'])} {bound} ({live} live)"))
         lines[-3] = ("last set checkpoint", lines[-3][1])
     width = max(len(k) for k, _ in lines)
     for key, value in lines:

@@ -770,7 +770,10 @@ class AuditHandler(logging.Handler):
         token = _in_audit_path.set(True)
         try:
             target = self._fallback_handler()
-            self._warn("lost", target, f"the store and its dead-letter queue refused a record ({error})")
+            if self._set_handle is None:
+                self._warn("lost", target, f"the store and its dead-letter queue refused a record ({error})")
+            # else: records waiting for a shard that could not be taken; the set handle has said
+            # why on stderr itself (one line per attempt).
             target.handle(record)
         finally:
             _in_audit_path.reset(token)
@@ -778,6 +781,8 @@ class AuditHandler(logging.Handler):
 
     def _warn(self, reason: str, target: logging.Handler | None, text: str | None = None) -> None:
         """At most one warning per reason per minute on stderr; counts the ones held back."""
+        if reason == "unavailable" and self._set_handle is not None:
+            return  # the set handle prints its own line per attempt to take a shard (_sharded.py)
         now = time.monotonic()
         last, held = self._warned.get(reason, (-_WARN_INTERVAL, 0))
         if now - last < _WARN_INTERVAL:

@@ -1653,6 +1653,60 @@ class TestCheckpointExportAndAnchors:
         assert "Error(" not in err and "shards" in err
 
 
+class TestOutputsInsideTheStore:
+    @pytest.mark.parametrize("target", ["merkle.spine", "checkpoints.jsonl", "new-anchor.json"])
+    def test_checkpoint_export_into_the_store_is_refused(
+        self, store: Path, capsys: pytest.CaptureFixture[str], target: str
+    ) -> None:
+        """--export naming a file inside the store: exit 2, the store's files untouched, no checkpoint."""
+        before = {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()}
+        code, out, err = run(capsys, "checkpoint", store, "--export", store / target)
+        assert (code, out) == (2, "")
+        assert_one_line_error(err, "--export", "inside the store")
+        assert {p.name: p.read_bytes() for p in store.iterdir() if p.is_file()} == before
+
+    def test_set_files_are_protected_too(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """The same for a set root: its SET file cannot be overwritten by an export."""
+        from quipu_logging import StoreSet
+
+        StoreSet.open(tmp_path / "set", shards=2)
+        before = (tmp_path / "set" / "SET").read_bytes()
+        code, _out, err = run(capsys, "checkpoint", tmp_path / "set", "--export", tmp_path / "set" / "SET")
+        assert code == 2 and "inside the store" in err
+        assert (tmp_path / "set" / "SET").read_bytes() == before
+
+    def test_export_out_into_the_store_or_nowhere(
+        self, store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """export --out inside the store, or to a path that cannot be written: exit 2, in words."""
+        code, _out, err = run(capsys, "export", store, "--out", store / "merkle.spine")
+        assert code == 2
+        assert_one_line_error(err, "--out", "inside the store")
+        code, _out, err = run(capsys, "export", store, "--out", tmp_path / "no" / "such" / "x.ndjson")
+        assert code == 2
+        assert_one_line_error(err, "--out", "cannot write")
+        assert "Errno" not in err
+
+
+class TestProveShardNames:
+    @pytest.mark.parametrize("bad", ["../other/shard-000", "/tmp", "shard-1", "\u0661", "-1", ""])
+    def test_only_a_shard_name_or_number(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
+    ) -> None:
+        """--shard takes shard-NNN or an ASCII number, never a path (it would prove another store)."""
+        from quipu_logging import StoreSet
+
+        s = StoreSet.open(tmp_path / "set", shards=2)
+        with s.acquire()[1] as store:
+            store.append({"message": "x"})
+        shard = bad.encode().decode("unicode_escape")
+        code, out, err = run(capsys, "prove", tmp_path / "set", "0", "--shard", shard)
+        assert (code, out) == (2, "")
+        assert "--shard" in err
+        assert run(capsys, "prove", tmp_path / "set", "0", "--shard", "0")[0] == 0
+        assert run(capsys, "prove", tmp_path / "set", "0", "--shard", "shard-000")[0] == 0
+
+
 class TestSigningWarnings:
     def test_unchecked_signatures_and_an_unsigned_line_after_signed_ones(
         self, tmp_path: Path, ed25519_pem: tuple[Path, bytes], capsys: pytest.CaptureFixture[str]

@@ -57,6 +57,21 @@ class TestLazyShard:
         assert h.metrics()["shard"] == "shard-000"
         assert [r["message"] for r in _records(root)] == ["first"]
 
+    def test_a_damaged_shard_passed_over_is_said(
+        self, tmp_path: Path, logger: logging.Logger, capfd: pytest.CaptureFixture[str]
+    ) -> None:
+        """A shard skipped as damaged is named on stderr; the records go to the next free shard."""
+        root = tmp_path / "set"
+        StoreSet.open(root, shards=3).acquire()[1].close()
+        (root / "shard-000" / "FORMAT").write_text("not json")
+        h = AuditHandler(root, shards=3)
+        logger.addHandler(h)
+        logger.info("after", extra={"n": 1})
+        assert h.flush()
+        assert h.metrics()["shard"] == "shard-001"
+        err = capfd.readouterr().err
+        assert "passed over shard-000" in err and "writes shard-001" in err
+
     def test_signing_key_signs_the_shard_checkpoints(
         self, tmp_path: Path, logger: logging.Logger, ed25519_pem: tuple[Path, bytes]
     ) -> None:
@@ -158,7 +173,9 @@ class TestBusy:
         # Diverted as "unavailable" (every shard busy), not as a closed pipeline.
         assert m["diverted_closed"] == 0 and m["diverted_unavailable"] == m["rejected"] > 0
         err = capfd.readouterr().err
-        assert "could not be opened" in err and "is closed or its writer" not in err
+        # One line per attempt to take a shard (the one below), nothing misleading beside it.
+        assert "is closed or its writer" not in err and "dead-letter queue" not in err
+        assert err.count("quipu_logging:") == 1, err
         assert (
             f"all 1 shards of store set {str(root.resolve())!r} are busy (held by pids {os.getpid()})" in err
         )

@@ -384,6 +384,8 @@ class StoreSet:
         root: the set's root directory (real path).
         limit: the most shards it may have (fixed when the set was created).
         set_bytes: the exact bytes of its ``SET`` file.
+        skipped: the shards the last :meth:`acquire` passed over as damaged or not a
+            shard of this set, each as ``"shard-001: why"``.
     """
 
     def __init__(self, root: str, limit: int, set_bytes: bytes) -> None:
@@ -391,6 +393,8 @@ class StoreSet:
         self.root = root
         self.limit = limit
         self.set_bytes = set_bytes
+        # The shards the last acquire() passed over as damaged or foreign ("shard-001: why").
+        self.skipped: list[str] = []
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], *, shards: Any = "auto", create: bool = True) -> StoreSet:
@@ -416,7 +420,14 @@ class StoreSet:
             cls._create(real, wanted if wanted is not None else default_shard_limit())
         with open(path, "rb") as f:
             data = f.read()
-        found = cls(real, read_set_limit(data, path), data)
+        try:
+            limit = read_set_limit(data, path)
+        except NotAStoreError as e:
+            if not set_markers(real):
+                raise
+            # A set's SET file overwritten with something else: damage, not a foreign directory.
+            raise CorruptionError(path, 0, f"the SET file of a store set was edited or damaged ({e})") from e
+        found = cls(real, limit, data)
         if not os.path.exists(os.path.join(real, SET_CHECKPOINTS)) and not found.shard_indices():
             # A crash between the SET file and its creation checkpoint (see _create): bind the
             # SET file now, before any shard exists, so verify can require the creation line.
@@ -506,15 +517,23 @@ class StoreSet:
         skipped: list[str] = []
         for index in range(self.limit):
             shard_root = self.shard_root(index)
+            why = not_a_shard(shard_root)
+            if why is not None:
+                skipped.append(f"{shard_name(index)}: {why}")
+                continue
             config = make_config(shard_root) if make_config is not None else StoreConfig(root=shard_root)
             try:
-                return index, AuditStore.open(config)
+                store = AuditStore.open(config)
             except StoreLockedError as e:
                 pids.append(e.pid)
             except (CorruptionError, NotAStoreError, FormatVersionError) as e:
                 # A damaged shard must not stop this process from logging: the next free one
                 # serves, and verify reports the damage.
                 skipped.append(f"{shard_name(index)}: {e}")
+            else:
+                self.skipped = skipped
+                return index, store
+        self.skipped = skipped
         raise ShardsBusyError(self.root, self.limit, pids, skipped)
 
     def holders(self) -> dict[str, int | None]:
@@ -552,10 +571,12 @@ class StoreSet:
     def shard_states(self) -> list[ShardState]:
         """Every present shard's tree size and root, read without a lock, after fsyncing its files.
 
-        Each shard's records after its own last checkpoint (the writer's crash window, at
-        most one segment: a writer checkpoints at every segment roll) are read back and
-        checked against its spine first, as the writer's recovery would: a set checkpoint
-        never states a record a shard no longer holds.
+        Each shard is checked first: its segments must hold every record its spine states
+        (from the first surviving segment on, without a gap), and its records after its own
+        last checkpoint (the writer's crash window, at most one segment: a writer checkpoints
+        at every segment roll) are read back and compared with the spine, as the writer's
+        recovery would. So a set checkpoint never states a record a shard no longer holds.
+        The size and root are read before the fsync, so every record stated is durable.
 
         Raises:
             CorruptionError: a shard lacks records its spine holds, or one changed.
@@ -564,7 +585,9 @@ class StoreSet:
         states = []
         for index in self.shard_indices():
             shard_root = self.shard_root(index)
-            _fsync_shard(shard_root)
+            why = not_a_shard(shard_root)
+            if why is not None:
+                raise CorruptionError(shard_root, None, why)
             try:
                 reader = AuditStore.open_reader(shard_root)
             except NotAStoreError:
@@ -573,9 +596,11 @@ class StoreSet:
                 raise
             with reader:
                 size = reader.tree_size
-                own = reader.last_checkpoint
-                reader._check_tail(own.tree_size if own is not None and own.tree_size <= size else 0)
                 root = reader.merkle_root(size)
+                own = reader.last_checkpoint
+                _fsync_shard(shard_root)  # after the snapshot: everything stated is now durable
+                reader._check_complete(size)
+                reader._check_tail(own.tree_size if own is not None and own.tree_size <= size else 0)
             states.append(ShardState(index, size, root))
         return states
 
@@ -652,12 +677,28 @@ def read_set_limit(data: bytes, path: str) -> int:
         raise CorruptionError(path, 0, f"unreadable SET file: {e}") from e
     if not isinstance(info, dict) or info.get("format") != SET_FORMAT_NAME:
         raise NotAStoreError(f"{path}: not a quipu-log SET file")
-    if info.get("version") != SET_FORMAT_VERSION:
-        raise FormatVersionError(path, info.get("version"))
+    version = info.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CorruptionError(path, 0, f"SET file: bad version {version!r}")
+    if version != SET_FORMAT_VERSION:
+        raise FormatVersionError(path, version)
     limit = info.get("shards")
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise CorruptionError(path, 0, f"SET file: bad shard limit {limit!r}")
     return limit
+
+
+def not_a_shard(shard_root: str) -> str | None:
+    """Why a ``shard-NNN`` entry cannot be a shard of this set, or ``None``.
+
+    A shard is a plain directory holding one store: not a symbolic link (it could point
+    anywhere, the set itself included) and not a store set of its own.
+    """
+    if os.path.islink(shard_root):
+        return "the shard is a symbolic link, not a directory of the set: added outside the set's list"
+    if os.path.lexists(os.path.join(shard_root, SET_FILE)):
+        return "the shard holds a store set, not a single store: added outside the set's list"
+    return None
 
 
 def _is_unborn_shard(shard_root: str) -> bool:

@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from .._types import ConsistencyProof, InclusionProof, Page, Problem, StoredRecord, VerifyReport
-from ..errors import CorruptionError, FormatVersionError, NotAStoreError, QueryError, StoreClosedError
+from ..errors import CorruptionError, NotAStoreError, QueryError, StoreClosedError
 from . import merkle
 from ._checkpoint import UNSIGNED_UNDER_KEYS, ZERO_DIGEST, load_public_keys, signing_warnings
 from ._config import StoreConfig
@@ -49,8 +49,10 @@ from ._set import (
     StoreSet,
     _is_unborn_shard,
     is_set_root,
+    not_a_shard,
     parse_set_checkpoints,
     read_set_limit,
+    set_markers,
     shard_index,
     shard_name,
 )
@@ -101,6 +103,9 @@ class StoreSetReader(AuditStore):
                 self.limit = read_set_limit(self._set_bytes, self._set_path)
             except CorruptionError as e:
                 self._set_error = f"the SET file is damaged or was edited: {e.reason}"
+            except NotAStoreError:
+                # open_set_reader let it through: a set's SET file overwritten with something else.
+                self._set_error = "the SET file is damaged or was edited: it is not a quipu-log SET file"
         self._set_id = hashlib.sha256(self._set_bytes).hexdigest()[:16]
         self._file_layer = file_layer
         self._readers: dict[str, AuditStore] = {}
@@ -122,6 +127,10 @@ class StoreSetReader(AuditStore):
                 reader.refresh()
                 continue
             path = os.path.join(self.root, name)
+            why = not_a_shard(path)
+            if why is not None:
+                self._unreadable[name] = why  # reads skip it; verify reports it
+                continue
             try:
                 self._readers[name] = AuditStore.open_reader(path, file_layer=self._file_layer)
             except NotAStoreError as e:
@@ -507,6 +516,21 @@ class StoreSetReader(AuditStore):
             if why is not None:
                 problems.append(Problem(cp_path, None, None, f"{where}: {why}"))
             problems.extend(self._check_statement(cp, set_digest, f"set checkpoint {where}", cp_path))
+        # What no set checkpoint vouches for yet: like records after a store's last checkpoint,
+        # not damage (a shard born since), but nothing signed covers it (it could be planted).
+        covered = {state.name for _, cp, _ in lines if cp is not None for state in cp.shards}
+        for name, reader in self.shards.items():
+            if name not in covered and reader.tree_size:
+                shard_warnings.append(
+                    f"{name} ({reader.tree_size} records) is covered by no set checkpoint yet: a shard "
+                    "born since the last one, or one added by hand; check it, then run "
+                    f"'quipu-log checkpoint {self.root}'"
+                )
+        if keys and self.shards and not any(cp is not None and cp.signed for _, cp, _ in lines):
+            shard_warnings.append(
+                "no set checkpoint is signed: the SET file and the list of shards are vouched for by "
+                f"nothing signed; write one with 'quipu-log checkpoint {self.root} --key PEM'"
+            )
         if anchor is not None:
             try:
                 anchored = SetCheckpoint.from_json(anchor)
@@ -640,6 +664,8 @@ def open_set_reader(root: str | os.PathLike[str], *, file_layer: FileLayer | Non
             read_set_limit(f.read(), path)
     except (CorruptionError, FileNotFoundError):
         pass  # readable as shards; verify reports the SET file
-    except FormatVersionError:
-        raise
+    except NotAStoreError:
+        if not set_markers(os.fspath(root)):
+            raise
+        # Shards or set checkpoints beside a SET file that is not one: an edited set, read on.
     return StoreSetReader(root, file_layer=file_layer)

@@ -256,6 +256,12 @@ class AuditStore:
         # A crash while creating a store can leave LOCK, FORMAT.tmp and an empty log/.
         leftovers = [n for n in os.listdir(self.root) if n not in ("LOCK", "FORMAT.tmp", "log")]
         log_entries = os.listdir(self._log_dir) if os.path.isdir(self._log_dir) else []
+        if os.path.isfile(os.path.join(self.root, "SET")):
+            raise NotAStoreError(
+                f"{self.root!r} is a store set (it has a SET file), not a single store: write it with "
+                'AuditHandler(root=..., shards="auto") (in dictConfig: "shards": "auto"), one '
+                "shard per process"
+            )
         if leftovers or log_entries:
             raise NotAStoreError(
                 f"{self.root!r} is not an audit store (no FORMAT file) and is not empty; "
@@ -631,6 +637,43 @@ class AuditStore:
                 f"but only {len(out)} could be read",
             )
         return out
+
+    def _check_complete(self, size: int) -> None:
+        """Raises unless the segments hold records up to ``size`` without a gap.
+
+        From the first surviving segment on (one retention removed is ``verify``'s to judge):
+        each segment starts where the one before ends, and the last reaches ``size``.
+
+        Raises:
+            CorruptionError: a segment is missing or unreadable, or the log ends below ``size``.
+        """
+        views = [v for v in self._segment_views() if v.base_index >= 0]
+        if not views:
+            if size:
+                raise CorruptionError(
+                    self._log_dir,
+                    None,
+                    f"no readable segment, but the Merkle tree holds {size} records: the segments were "
+                    "deleted or damaged",
+                    seq=0,
+                )
+            return
+        for here, after in pairwise(views):
+            if here.end != after.base_index:
+                raise CorruptionError(
+                    after.path,
+                    None,
+                    f"the log skips seq {here.end}..{after.base_index - 1}: a segment was deleted or damaged",
+                    seq=here.end,
+                )
+        if views[-1].end < size:
+            raise CorruptionError(
+                views[-1].path,
+                None,
+                f"the Merkle tree holds {size} records but the log ends at seq {views[-1].end}: "
+                "records were lost (a power loss) or removed after they were hashed",
+                seq=views[-1].end,
+            )
 
     def _check_tail(self, start: int) -> None:
         """Read-verifies records ``[start, tree_size)``: each is in the segments and hashes to its leaf.

@@ -694,3 +694,123 @@ class TestCheckpointChecksShards:
         assert [(x.name, x.tree_size) for x in cp.shards] == [("shard-000", 7), ("shard-001", 3)]
         a.close()
         assert _problems(set_root) == []
+
+
+class TestCheckpointRefusesWhatIsGone:
+    """Beyond the crash window: a set checkpoint never states records the shard's log lacks."""
+
+    def test_cut_tail_of_a_cleanly_closed_shard(self, set_root: Path) -> None:
+        """close() checkpointed everything, then records were cut: still refused (exit 1)."""
+        s = _make_set(set_root, [30, 5])
+        _cut_last_records(set_root / "shard-000", 10)
+        with pytest.raises(CorruptionError, match="ends at seq 20"):
+            s.checkpoint()
+        assert cli(["checkpoint", str(set_root)]) == 1
+
+    def test_deleted_log_directory(self, set_root: Path) -> None:
+        """A shard whose log/ is gone: refused."""
+        s = _make_set(set_root, [4])
+        shutil.rmtree(set_root / "shard-000" / "log")
+        with pytest.raises(CorruptionError, match="no readable segment"):
+            s.checkpoint()
+
+    def test_deleted_middle_segment(self, set_root: Path) -> None:
+        """A segment missing between two others: refused, naming the gap."""
+        s = StoreSet.open(set_root, shards=2)
+        from quipu_logging import StoreConfig
+
+        _, store = s.acquire(lambda root: StoreConfig(root=root, max_segment_bytes=400))
+        _fill(store, 40, tag="a")
+        store.close()
+        segments = sorted((set_root / "shard-000" / "log").glob("*.log"))
+        assert len(segments) >= 3
+        segments[1].unlink()
+        with pytest.raises(CorruptionError, match="skips seq"):
+            s.checkpoint()
+
+    def test_states_only_what_was_fsynced(self, set_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Records a live writer appends after the fsync are not stated (read the size, then fsync)."""
+        from quipu_logging.store import _set as set_module
+
+        s = StoreSet.open(set_root, shards=1)
+        _, live = s.acquire()
+        _fill(live, 5, tag="a")
+        real = set_module._fsync_shard
+        durable: list[int] = []
+
+        def fsync_then_more_arrive(shard_root: str) -> None:
+            real(shard_root)
+            durable.append(live.tree_size)
+            _fill(live, 3, tag="late", t0=T0 + 10**6)  # not fsynced by this checkpoint
+
+        monkeypatch.setattr(set_module, "_fsync_shard", fsync_then_more_arrive)
+        cp = s.checkpoint()
+        assert durable == [5]
+        assert [x.tree_size for x in cp.shards] == [5]
+        live.close()
+
+
+class TestForeignShards:
+    def test_symlink_in_a_shard_slot(self, checkpointed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """A symbolic link named like a shard (here: to the set itself) is reported, never followed."""
+        os.symlink(".", checkpointed / "shard-003")
+        assert any("symbolic link" in r for r in _problems(checkpointed))
+        assert cli(["verify", str(checkpointed)]) == 1
+        capsys.readouterr()
+        assert cli(["query", str(checkpointed), "--json"]) == 0
+        assert len(capsys.readouterr().out.splitlines()) == 13
+        with pytest.raises(CorruptionError, match="symbolic link"):
+            StoreSet.open(checkpointed).checkpoint()
+        index, store = StoreSet.open(checkpointed).acquire()  # passed over, not written through
+        assert index == 0
+        store.close()
+
+    def test_nested_set_in_a_shard_slot(self, checkpointed: Path, tmp_path: Path) -> None:
+        """Another set copied in as a shard is reported as added outside the set's list."""
+        _make_set(tmp_path / "other", [2])
+        shutil.copytree(tmp_path / "other", checkpointed / "shard-003")
+        assert any("holds a store set" in r for r in _problems(checkpointed))
+        assert cli(["verify", str(checkpointed)]) == 1
+        assert cli(["checkpoint", str(checkpointed)]) == 1
+
+    def test_copied_shard_is_flagged_as_uncovered(self, checkpointed: Path) -> None:
+        """A shard no set checkpoint lists verifies (it may be newborn) but is named in a warning."""
+        shutil.copytree(checkpointed / "shard-000", checkpointed / "shard-003")
+        with AuditStore.open_reader(checkpointed) as reader:
+            report = reader.verify()
+        assert report.ok
+        assert any(
+            w.startswith("shard-003 (4 records) is covered by no set checkpoint") for w in report.warnings
+        )
+
+
+class TestEditedSetFile:
+    @pytest.mark.parametrize(
+        "content",
+        [b"{}\n", b"[]\n", b"null\n", b'{"format": "quipu-log"}\n', b'{"format": "quipu-log-set"}\n'],
+    )
+    def test_any_edit_is_tampering_and_shards_stay_readable(
+        self, checkpointed: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A SET file replaced by other JSON: verify exit 1 (not 2), reads go on, writers refuse."""
+        (checkpointed / "SET").write_bytes(content)
+        assert cli(["verify", str(checkpointed)]) == 1
+        assert "SET file" in capsys.readouterr().out
+        assert cli(["stats", str(checkpointed), "--json"]) == 0
+        assert orjson.loads(capsys.readouterr().out)["records"] == 13
+        with pytest.raises(CorruptionError):
+            StoreSet.open(checkpointed)
+
+    def test_newer_version_still_asks_for_an_upgrade(self, checkpointed: Path) -> None:
+        """An integer version other than 1 is a format this release cannot read (exit 2), not damage."""
+        info = orjson.loads((checkpointed / "SET").read_bytes())
+        info["version"] = 2
+        (checkpointed / "SET").write_bytes(orjson.dumps(info))
+        with pytest.raises(FormatVersionError):
+            StoreSet.open(checkpointed)
+        assert cli(["verify", str(checkpointed)]) == 2
+
+    def test_single_store_handler_on_a_set_says_shards(self, checkpointed: Path) -> None:
+        """Opening a set root as a single store names the way out: shards=."""
+        with pytest.raises(NotAStoreError, match='shards="auto"'):
+            AuditStore.open(checkpointed)
