@@ -1870,6 +1870,13 @@ class AuditStore:
         root is the spine's root at its size, and, given an ``anchor`` (a checkpoint
         saved elsewhere), that the current tree extends it.
 
+        Whole frames beyond the spine are not problems in two cases, both counted in
+        ``pending``: a live writer's in-flight records after the last checkpoint, and,
+        when no writer holds the store, a crash tail: frames that follow the spine
+        without a gap at the end of the active segment, after the last checkpoint, which
+        the next writer open hashes in (a warning says so). Anything else beyond the
+        spine is reported.
+
         Args:
             public_keys: Ed25519 public keys (PEM bytes/str, paths, key objects); with
                 keys given, every checkpoint must be signed by one of them.
@@ -1915,6 +1922,7 @@ class AuditStore:
         unreadable_from: tuple[str, int] | None = None  # damage that ends the last segment early
         pruned = False  # the segment before was removed by retention while this verify ran
         first_read = True
+        last_read: tuple[_Segment, int, bool] | None = None  # the last segment read: (it, base, damaged)
         for number, seg in enumerate(segments):
             is_last = number == len(segments) - 1
             if number and not pruned and seg.number != segments[number - 1].number + 1:
@@ -1967,6 +1975,8 @@ class AuditStore:
                 problems.append(Problem(seg.path, 0, expected, reason))
             scan = fmt.scan_frames(data)
             frames = scan.frames
+            if is_last:
+                last_read = (seg, base, scan.resync_offset is not None)
             hdr = fmt.FRAME_HEADER
             view = memoryview(data)
             payloads = [view[pos + hdr : pos + hdr + length] for pos, length in frames]
@@ -2027,6 +2037,13 @@ class AuditStore:
             expected = seq
         # A writer that opened after the snapshot may have appended since: its frames are in flight too.
         live = live or is_locked(self.root)
+        warnings: list[str] = []
+        if not live and unpublished:
+            floor = max([last_cp_size] + [cp.tree_size for _, cp, _ in lines if cp is not None])
+            if self._is_crash_tail(unpublished, last_read, tree, floor):
+                pending = len(unpublished)
+                warnings.append(_crash_tail_warning(tree, pending))
+                unpublished = []
         for path, offset, seq in unpublished:
             if live and seq >= last_cp_size:
                 pending += 1
@@ -2103,7 +2120,7 @@ class AuditStore:
         if anchor is not None:
             self._verify_anchor(anchor, keys, tree, problems)
         problems = _dedupe(problems)
-        warnings = signing_warnings(
+        warnings += signing_warnings(
             ((f"checkpoint at offset {offset}", cp.signed) for offset, cp, _ in lines if cp is not None),
             bool(keys),
         )
@@ -2116,6 +2133,32 @@ class AuditStore:
             records_checked=checked,
             warnings=warnings,
         )
+
+    def _is_crash_tail(
+        self,
+        unpublished: list[tuple[str, int, int]],
+        last_read: tuple[_Segment, int, bool] | None,
+        tree: int,
+        floor: int,
+    ) -> bool:
+        """Whether the frames beyond the spine of a store no writer holds are a crash's unhashed tail.
+
+        The writer writes a batch's frames, then their spine leaves; killed in between, it
+        leaves whole frames that follow the spine in the active segment, after the last
+        checkpoint (``floor``), and the next open hashes them in (``_reconcile_spine``).
+        Only exactly that shape qualifies: every such frame in the newest segment, the
+        first at seq ``tree`` (no gap), the spine not short of any checkpoint, no damage
+        in that segment after them, and no sidecar for it (a rollover syncs the spine
+        before it seals a segment, so a sealed segment's frames are always hashed).
+        """
+        if last_read is None or tree < floor:
+            return False
+        seg, base, damaged = last_read
+        if damaged or base > tree or unpublished[0][2] != tree:
+            return False
+        if any(path != seg.path for path, _, _ in unpublished):
+            return False
+        return not os.path.exists(os.path.join(self._log_dir, fmt.sidecar_name(seg.number)))
 
     def _reload_lines(self) -> list[tuple[int, Checkpoint | None, str]]:
         path = os.path.join(self.root, "checkpoints.jsonl")
@@ -2215,6 +2258,16 @@ class AuditStore:
                     "history was rewritten",
                 )
             )
+
+
+def _crash_tail_warning(tree: int, n: int) -> str:
+    """What verify says about ``n`` whole records after the spine's ``tree`` that a crash left unhashed."""
+    which = f"1 record (seq {tree}) is" if n == 1 else f"{n} records (seq {tree}..{tree + n - 1}) are"
+    them = "it" if n == 1 else "them"
+    return (
+        f"{which} not in the Merkle tree yet: the writer stopped before hashing {them} (a crash; "
+        f"no writer holds the store now); the next open of the store for writing hashes {them} in"
+    )
 
 
 def _sidecar_fits(side: fmt.Sidecar, base: int, size: int) -> bool:

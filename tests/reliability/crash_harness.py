@@ -10,9 +10,11 @@ SIGKILL, either
   redrive step), just before or just after the operation: a kill *during* that
   operation, wherever the store is in it.
 
-The parent then reopens the store as its writer (recovery) and checks DESIGN §5/§8:
-``verify()`` passes; ``seq`` is continuous; every record whose ``flush()`` had
-returned ``True`` before the kill is present, with the content it was logged with;
+The parent first verifies the store with a reader, as the kill left it: it must pass
+(records the writer had not hashed yet are ``pending``: a crash is not tampering). Then
+it reopens the store as its writer (recovery) and checks DESIGN §5/§8: ``verify()``
+passes; ``seq`` is continuous; every record whose ``flush()`` had returned ``True``
+before the kill is present, with the content it was logged with;
 every record seen at a ``seq`` by an earlier check still has the same leaf hash
 (byte-identical across later crashes and recoveries); nothing is duplicated (except
 events replayed by a killed redrive: redrive is at-least-once); and the accounting
@@ -271,6 +273,7 @@ class Campaign:
     acked: int = 0
     checked: int = 0
     duplicates: int = 0
+    crash_tails: int = 0  # kills after which verify (before the reopen) found unhashed records
 
     @property
     def root(self) -> Path:
@@ -364,6 +367,12 @@ def check_store(
     from quipu_logging import AuditPipeline, AuditStore
 
     where = f"scenario={c.scenario} seed={c.seed} run={run} policy={policy} cfg={cfg}"
+    # Before any writer reopens it, a reader's verify already passes: a crash is not tampering.
+    # Records the kill left unhashed are pending (the reopen below hashes them in).
+    with AuditStore.open_reader(c.root) as reader:
+        before = reader.verify()
+    assert before.ok, f"{where}: verify failed before the reopen: {before.problems[:5]}"
+    c.crash_tails += int(before.pending > 0)
     if c.scenario == "redrive":
         # Finish what the killed redrive left parked (recovery of the store happens on open).
         pipeline = AuditPipeline.start(str(c.root))
@@ -491,9 +500,12 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(args)
     started = time.monotonic()
     results = campaign(ns.kills, ns.seed, tuple(ns.scenario or SCENARIOS))
-    print(f"{'scenario':<12}{'kills':>7}{'in-op':>7}{'acked':>10}{'checked':>10}{'replayed':>10}")
+    print(f"{'scenario':<12}{'kills':>7}{'in-op':>7}{'tails':>7}{'acked':>10}{'checked':>10}{'replayed':>10}")
     for c in results:
-        print(f"{c.scenario:<12}{c.kills:>7}{c.self_kills:>7}{c.acked:>10}{c.checked:>10}{c.duplicates:>10}")
+        print(
+            f"{c.scenario:<12}{c.kills:>7}{c.self_kills:>7}{c.crash_tails:>7}{c.acked:>10}{c.checked:>10}"
+            f"{c.duplicates:>10}"
+        )
     total = sum(c.kills for c in results)
     print(f"{total} kills, seed {ns.seed}, all checks passed in {time.monotonic() - started:.0f}s")
     return 0

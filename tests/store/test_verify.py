@@ -9,9 +9,14 @@ matters). Segment frames are parsed and re-framed here with ``struct`` and
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import tempfile
 import zlib
 from dataclasses import replace
@@ -25,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import quipu_logging
 from quipu_logging import (
     AuditStore,
     Checkpoint,
@@ -42,6 +48,7 @@ from quipu_logging.store._spine import Spine, stored_hash_count, stored_hash_ind
 SEG_HEADER = struct.Struct("<4sB3sQ")
 FRAME = struct.Struct("<II")
 HASH = 32
+PACKAGE_PARENT = str(Path(quipu_logging.__file__).resolve().parent.parent)
 EXAMPLES_IN_TMP_PATH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 
 
@@ -145,6 +152,29 @@ def write_key_pair(directory: Path, name: str) -> tuple[Path, bytes]:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return path, public
+
+
+def assert_crash_tail_warning(report: VerifyReport, first: int, count: int) -> str:
+    """The report's one warning about a crash tail of ``count`` records from seq ``first``; returns it."""
+    which = f"seq {first}" if count == 1 else f"seq {first}..{first + count - 1}"
+    found = [w for w in report.warnings if "not in the Merkle tree yet" in w]
+    assert len(found) == 1, report.warnings
+    assert f"{count} record" in found[0] and which in found[0] and "crash" in found[0], found[0]
+    return found[0]
+
+
+def cut_spine(root: Path, size: int) -> None:
+    """Cuts merkle.spine to ``size`` leaves, as if the writer died before hashing the records after."""
+    spine = Spine.open(str(root / "merkle.spine"), FileLayer(), writable=True)
+    spine.truncate(size)
+    spine.sync()
+    spine.close()
+
+
+def abandon(store: AuditStore) -> None:
+    """Drops ``store`` like a killed process: synced, no checkpoint, no close, lock released."""
+    store.sync()
+    store._release_all()
 
 
 @pytest.fixture(scope="module")
@@ -402,8 +432,12 @@ class TestMissingData:
 class TestLiveWindow:
     """Frames beyond the spine are a live writer's in-flight window, and a problem otherwise."""
 
-    def test_pending_only_while_live(self, tmp_path: Path) -> None:
-        """A whole frame past the spine is pending while the writer holds the lock, a problem after."""
+    def test_pending_while_live_and_after_a_crash(self, tmp_path: Path) -> None:
+        """A whole frame past the spine is pending while the writer holds the lock, and after it dies.
+
+        Dead, it is a crash tail (see :class:`TestCrashTail`): still pending, now with a
+        warning, until the next writer open hashes it in.
+        """
         root = tmp_path / "s"
         writer = AuditStore.open(root)
         for i in range(5):
@@ -416,10 +450,15 @@ class TestLiveWindow:
         report = reverify(root)
         assert report.ok, report.problems
         assert report.pending == 1 and report.tree_size == 5
+        assert report.warnings == []  # a live writer's in-flight window is no news
         writer._release_all()  # the writer dies without publishing the record
         report = reverify(root)
-        assert_reported(report, seg, seq=5)
-        assert_reported(report, root / "merkle.spine")
+        assert report.ok, report.problems
+        assert report.pending == 1 and report.tree_size == 5
+        assert_crash_tail_warning(report, 5, 1)
+        AuditStore.open(root).close()
+        report = reverify(root)
+        assert report.ok and report.pending == 0 and report.tree_size == 6 and report.warnings == []
 
     def test_torn_frame_while_live(self, tmp_path: Path) -> None:
         """Half a frame ending the active segment of a live store is an unfinished write, not a problem."""
@@ -442,6 +481,277 @@ class TestLiveWindow:
         with open(seg, "ab") as f:
             f.write(b"\x01\x00\x00")
         assert_reported(reverify(root), seg, offset=size)
+
+
+# A child that writes a store and is SIGKILLed by its own file layer right after a segment write
+# returns: its frames are on disk (in the page cache, which a process kill keeps), their spine
+# leaves are not. argv: ROOT, "store" (AuditStore directly) or "handler" (AuditHandler).
+CRASH_CHILD = r"""
+import logging, os, signal, sys, threading
+from quipu_logging import AuditHandler, AuditPipeline
+from quipu_logging.store import AuditStore, FileLayer, StoreConfig
+
+root, how = sys.argv[1], sys.argv[2]
+
+
+class KillAfterSegmentWrite(FileLayer):
+    def __init__(self):
+        self.armed = False
+        self.names = {}
+
+    def open(self, path, flags, mode=0o644):
+        fd = super().open(path, flags, mode)
+        self.names[fd] = os.path.basename(path)
+        return fd
+
+    def pwrite(self, fd, data, offset):
+        super().pwrite(fd, data, offset)
+        if self.armed and self.names.get(fd, "").startswith("seg-"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+layer = KillAfterSegmentWrite()
+config = StoreConfig(root=root, file_layer=layer)
+if how == "store":
+    store = AuditStore.open(config)
+    store.append_batch([{"i": i} for i in range(12)])
+    store.checkpoint()
+    store.append_batch([{"i": i} for i in range(12, 20)])
+    layer.armed = True
+    store.append_batch([{"i": i} for i in range(20, 25)])
+else:
+    handler = AuditHandler(pipeline=AuditPipeline.start(config))
+    logger = logging.getLogger("crash-tail")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    for i in range(12):
+        logger.info("rec %d", i, extra={"i": i})
+    assert handler.flush(timeout=60)
+    layer.armed = True
+    for i in range(12, 17):
+        logger.info("rec %d", i, extra={"i": i})
+    threading.Event().wait(120)  # the writer thread's next segment write kills the process
+sys.exit("not killed")
+"""
+
+
+def run_crash_child(root: Path, how: str) -> None:
+    """Runs :data:`CRASH_CHILD` and checks that it died of its SIGKILL."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (PACKAGE_PARENT, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_CHILD, str(root), how],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-3000:])
+
+
+class RollFailsLayer(FileLayer):
+    """Fails creating segment 1: a writer stopped between sealing segment 0 and starting the next."""
+
+    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
+        if flags & os.O_CREAT and os.path.basename(path) == "seg-0000000001.log":
+            raise OSError(errno.ENOSPC, "injected: no space for the next segment", path)
+        return super().open(path, flags, mode)
+
+
+class TestCrashTail:
+    """A writer killed between writing frames and hashing them leaves a crash tail, not tampering.
+
+    With no writer holding the lock, whole frames that follow the spine contiguously in
+    the active (newest) segment, after the last checkpoint, are what the next writer open
+    hashes in: verify counts them as ``pending`` and says so in ``warnings``. Anything
+    else beyond the spine stays a problem.
+    """
+
+    @pytest.mark.parametrize("how", ["store", "handler"])
+    def test_sigkill_between_frames_and_spine(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str], how: str
+    ) -> None:
+        """A real SIGKILL after a segment write: ok, pending and a warning; after a reopen ok and whole."""
+        from quipu_logging.cli import main
+
+        root = tmp_path / "s"
+        run_crash_child(root, how)
+        report = reverify(root)
+        assert report.ok, report.problems
+        hashed, written = (20, 25) if how == "store" else (12, 17)
+        assert report.tree_size == hashed
+        # The store kill comes with the batch's one write; the handler's writer thread may have
+        # taken the five records in more than one batch, and died at the first.
+        assert report.pending == 5 if how == "store" else 1 <= report.pending <= 5
+        assert report.records_checked == hashed + report.pending
+        warning = assert_crash_tail_warning(report, hashed, report.pending)
+        pending = report.pending
+
+        assert main(["verify", str(root)]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("ok: ") and f"{pending} pending" in out, out
+        assert warning in err
+        assert main(["verify", "--json", str(root)]) == 0
+        as_json = orjson.loads(capsys.readouterr().out)
+        assert as_json["ok"] is True and as_json["pending"] == pending and as_json["problems"] == []
+        assert as_json["warnings"] == [warning]
+
+        with AuditStore.open(root) as writer:  # recovery hashes the tail in
+            assert writer.tree_size == hashed + pending
+            assert any("added" in r and "spine" in r for r in writer.repairs), writer.repairs
+        report = reverify(root)
+        assert report.ok and report.pending == 0 and report.warnings == []
+        assert report.tree_size == hashed + pending
+        with AuditStore.open_reader(root) as reader:
+            assert [r.payload["i"] for r in reader.scan()] == list(range(hashed + pending))
+        assert written >= hashed + pending
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=EXAMPLES_IN_TMP_PATH)
+    @given(
+        n=st.integers(0, 40),
+        at=st.floats(0, 1),
+        cut=st.floats(0, 1),
+        limit=st.sampled_from([64 * 1024 * 1024, 700]),
+    )
+    def test_verify_accepts_what_recovery_hashes_in(
+        self, tmp_path: Path, n: int, at: float, cut: float, limit: int
+    ) -> None:
+        """A spine cut after the last checkpoint is ok (pending, warning) and reopens to the same tree;
+        cut below it, verify fails and the writer refuses to open."""
+        root = Path(tempfile.mkdtemp(dir=tmp_path)) / "s"
+        c = int(n * at)
+        store = AuditStore.open(StoreConfig(root=root, max_segment_bytes=limit))
+        store.append_batch([event(i) for i in range(c)])
+        if c:
+            store.checkpoint()
+        store.append_batch([event(i) for i in range(c, n)])
+        floor = store.last_checkpoint.tree_size if store.last_checkpoint else 0
+        full_root = store.merkle_root()
+        abandon(store)
+        t = int(n * cut)
+        cut_spine(root, t)
+        report = reverify(root)
+        if t >= floor:
+            assert report.ok, report.problems
+            assert (report.tree_size, report.pending, report.records_checked) == (t, n - t, n)
+            if n > t:
+                assert_crash_tail_warning(report, t, n - t)
+            else:
+                assert report.warnings == []
+            with AuditStore.open(root) as writer:
+                assert writer.tree_size == n and writer.merkle_root() == full_root
+            report = reverify(root)
+            assert report.ok and report.pending == 0 and report.tree_size == n
+        else:
+            assert report.ok is False and report.pending == 0
+            assert_reported(report, root / "checkpoints.jsonl")
+            assert_reported(report, locate(root, t)[0], seq=t)
+            with pytest.raises(CorruptionError):
+                AuditStore.open(root)
+
+    def test_spine_shorter_than_the_last_checkpoint(self, tmp_path: Path) -> None:
+        """Records after the checkpoint do not excuse a spine cut below it: every orphan is a problem."""
+        root = tmp_path / "s"
+        store = AuditStore.open(root)
+        store.append_batch([event(i) for i in range(10)])
+        store.checkpoint()
+        store.append_batch([event(i) for i in range(10, 15)])
+        abandon(store)
+        cut_spine(root, 8)
+        report = reverify(root)
+        assert report.pending == 0 and not any("Merkle tree yet" in w for w in report.warnings)
+        [seg] = segments(root)
+        for seq in range(8, 15):
+            assert_reported(report, seg, seq=seq)
+        assert_reported(report, root / "checkpoints.jsonl")
+
+    def test_frames_in_a_sealed_segment(self, tmp_path: Path, base_store: tuple[Path, list[bytes]]) -> None:
+        """Frames beyond the spine in a sealed segment are a problem, even with the checkpoints after gone.
+
+        Removing the newest checkpoint lines looks like a crash before they were written, so the
+        spine cut is the only trace: no crash leaves a sealed segment's records unhashed (a
+        rollover syncs the spine before it seals), so it stays a problem, and so do the newest
+        segment's records, which no longer follow the spine.
+        """
+        root = copy_store(base_store[0], tmp_path)
+        segs = segments(root)
+        base1 = frames(segs[1].read_bytes())[0]
+        keep = base1 + 1  # one record into the second segment, which is sealed
+        lines = checkpoint_lines(root)
+        (root / "checkpoints.jsonl").write_bytes(
+            b"".join(line for line in lines if orjson.loads(line)["tree_size"] <= keep)
+        )
+        assert AuditStore.open_reader(root).last_checkpoint is not None  # one checkpoint is left
+        cut_spine(root, keep)
+        report = reverify(root)
+        assert report.pending == 0 and not any("Merkle tree yet" in w for w in report.warnings)
+        assert_reported(report, segs[1], seq=keep)
+        newest_base = frames(segs[-1].read_bytes())[0]
+        assert_reported(report, segs[-1], seq=newest_base)
+        assert_reported(report, root / "merkle.spine")
+
+    def test_newest_segment_already_sealed(self, tmp_path: Path) -> None:
+        """A newest segment with a sidecar was sealed (spine synced first): unhashed frames are a problem.
+
+        The writer stops between sealing segment 0 and creating segment 1 (an injected ENOSPC);
+        a spine cut after that is no crash. Without the sidecar the same bytes are a crash tail.
+        """
+        root = tmp_path / "s"
+        store = AuditStore.open(StoreConfig(root=root, max_segment_bytes=700, file_layer=RollFailsLayer()))
+        with pytest.raises(OSError):
+            for i in range(100):
+                store.append(event(i))
+        store._release_all()
+        [seg] = segments(root)
+        sidecar = seg.with_suffix(".idx")
+        assert sidecar.exists()
+        count = len(frames(seg.read_bytes())[1])
+        assert reverify(root).ok and AuditStore.open_reader(root).last_checkpoint is None
+        cut_spine(root, count - 2)
+        report = reverify(root)
+        assert report.pending == 0
+        assert_reported(report, seg, seq=count - 2)
+        assert_reported(report, seg, seq=count - 1)
+        sidecar.unlink()
+        report = reverify(root)
+        assert report.ok and report.pending == 2, report.problems
+        assert_crash_tail_warning(report, count - 2, 2)
+
+    def test_damage_after_the_tail(self, tmp_path: Path) -> None:
+        """A crash tail followed by a damaged frame and a valid one is damage, not a crash: all problems."""
+        root = tmp_path / "s"
+        store = AuditStore.open(root)
+        store.append_batch([event(i) for i in range(10)])
+        abandon(store)
+        cut_spine(root, 6)
+        assert reverify(root).ok
+        seg, pos, _ = locate(root, 8)
+        data = bytearray(seg.read_bytes())
+        data[pos + FRAME.size + 3] ^= 0x01  # seq 8's CRC no longer matches; seq 9 follows, whole
+        seg.write_bytes(bytes(data))
+        report = reverify(root)
+        assert report.pending == 0 and not any("Merkle tree yet" in w for w in report.warnings)
+        assert_reported(report, seg, offset=pos)
+        assert_reported(report, seg, seq=6)
+        assert_reported(report, seg, seq=7)
+
+    def test_anchor_beyond_the_spine(self, tmp_path: Path) -> None:
+        """An anchor covering the tail's records catches a spine cut that removed checkpoints hide."""
+        root = tmp_path / "s"
+        store = AuditStore.open(root)
+        store.append_batch([event(i) for i in range(6)])
+        store.checkpoint()
+        store.append_batch([event(i) for i in range(6, 12)])
+        anchor = store.checkpoint().to_json()
+        abandon(store)
+        lines = checkpoint_lines(root)
+        (root / "checkpoints.jsonl").write_bytes(lines[0])  # the newest line goes, like a crash before it
+        cut_spine(root, 8)
+        assert reverify(root).ok  # without the anchor, only the warning says anything
+        report = reverify(root, anchor=anchor)
+        assert_reported(report, "anchor")
 
 
 # ---------------------------------------------------------------------- spine damage
