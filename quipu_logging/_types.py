@@ -109,8 +109,9 @@ class VerifyReport:
         tree_size: the number of leaves of the verified tree.
         root: the Merkle root of that tree (32 bytes).
         problems: every problem found, the first one first.
-        pending: records beyond the spine in a live writer's in-flight window
-            (not problems: the writer has not published them yet).
+        pending: records beyond the spine that are not problems: a live writer's
+            in-flight window (not published yet), or a crashed writer's unhashed tail
+            (the next writer open hashes it in; ``warnings`` says so).
         records_checked: stored records re-hashed against the spine.
         warnings: what verify could not check or found odd without it being damage
             (signed checkpoints checked without a public key; an unsigned checkpoint
