@@ -89,6 +89,7 @@ from ..errors import (
     ShardsBusyError,
     StoreLockedError,
 )
+from . import merkle
 from ._checkpoint import ZERO_DIGEST, Signer
 from ._config import StoreConfig
 from ._lock import check_platform, is_locked, read_holder_pid
@@ -568,7 +569,7 @@ class StoreSet:
         except FileNotFoundError:
             return []
 
-    def shard_states(self) -> list[ShardState]:
+    def shard_states(self, previous: SetCheckpoint | None = None) -> list[ShardState]:
         """Every present shard's tree size and root, read without a lock, after fsyncing its files.
 
         Each shard is checked first: its segments must hold every record its spine states
@@ -577,6 +578,8 @@ class StoreSet:
         at every segment roll) are read back and compared with the spine, as the writer's
         recovery would. So a set checkpoint never states a record a shard no longer holds.
         The size and root are read before the fsync, so every record stated is durable.
+        Given the ``previous`` set checkpoint, each shard it lists must still extend what
+        it stated (a consistency proof), so a new statement never papers over a rollback.
 
         Raises:
             CorruptionError: a shard lacks records its spine holds, or one changed.
@@ -601,7 +604,18 @@ class StoreSet:
                 _fsync_shard(shard_root)  # after the snapshot: everything stated is now durable
                 reader._check_complete(size)
                 reader._check_tail(own.tree_size if own is not None and own.tree_size <= size else 0)
+                stated = {x.index: x for x in previous.shards} if previous is not None else {}
+                if index in stated:
+                    _check_extends(reader, stated[index], size, root)
             states.append(ShardState(index, size, root))
+        if previous is not None:
+            gone = sorted({x.index for x in previous.shards} - {x.index for x in states})
+            if gone:
+                raise CorruptionError(
+                    self.shard_root(gone[0]),
+                    None,
+                    f"the previous set checkpoint lists {shard_name(gone[0])}, which is gone: deleted",
+                )
         return states
 
     def checkpoint(
@@ -639,7 +653,7 @@ class StoreSet:
             if last is None:
                 raise CorruptionError(path, None, f"line {number} is not a set checkpoint ({error})")
             prev = last.digest()
-        states = tuple(self.shard_states()) if include_shards else ()
+        states = tuple(self.shard_states(last if lines else None)) if include_shards else ()
         cp = SetCheckpoint(
             created_at=_now_us(),
             set_digest=hashlib.sha256(self.set_bytes).digest(),
@@ -686,6 +700,26 @@ def read_set_limit(data: bytes, path: str) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
         raise CorruptionError(path, 0, f"SET file: bad shard limit {limit!r}")
     return limit
+
+
+def extension_problem(reader: AuditStore, state: ShardState, size: int, root: bytes, what: str) -> str | None:
+    """Why a shard's tree (``size``, ``root``) does not extend what ``what`` stated, or ``None``."""
+    if size < state.tree_size:
+        return f"{what} states {state.tree_size} records, the shard holds {size}: rolled back"
+    try:
+        proof = reader.prove_consistency(state.tree_size, size).path if state.tree_size else []
+    except (ValueError, CorruptionError) as e:
+        return f"cannot prove the shard extends {what}: {e}"
+    if merkle.verify_consistency(state.tree_size, size, state.root, root, list(proof)):
+        return None
+    return f"the shard's tree does not extend the root {what} states at size {state.tree_size}: rewritten"
+
+
+def _check_extends(reader: AuditStore, state: ShardState, size: int, root: bytes) -> None:
+    """Raises unless a shard's tree extends what the previous set checkpoint stated."""
+    why = extension_problem(reader, state, size, root, "the previous set checkpoint")
+    if why is not None:
+        raise CorruptionError(reader.root, None, f"{why}; 'quipu-log verify' reports it, nothing was stated")
 
 
 def not_a_shard(shard_root: str) -> str | None:

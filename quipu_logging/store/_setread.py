@@ -34,7 +34,6 @@ import orjson
 
 from .._types import ConsistencyProof, InclusionProof, Page, Problem, StoredRecord, VerifyReport
 from ..errors import CorruptionError, NotAStoreError, QueryError, StoreClosedError
-from . import merkle
 from ._checkpoint import UNSIGNED_UNDER_KEYS, ZERO_DIGEST, load_public_keys, signing_warnings
 from ._config import StoreConfig
 from ._fileio import FileLayer
@@ -48,6 +47,7 @@ from ._set import (
     ShardState,
     StoreSet,
     _is_unborn_shard,
+    extension_problem,
     is_set_root,
     not_a_shard,
     parse_set_checkpoints,
@@ -589,35 +589,11 @@ class StoreSetReader(AuditStore):
 
     @staticmethod
     def _check_shard(reader: AuditStore, state: ShardState, what: str, path: str) -> list[Problem]:
-        out: list[Problem] = []
         size = reader.tree_size
-        if size < state.tree_size:
-            out.append(
-                Problem(
-                    path,
-                    None,
-                    state.tree_size,
-                    f"{what} states {state.tree_size} records, the shard holds {size}: rolled back",
-                )
-            )
-            return out
-        current = reader.merkle_root(size)
-        try:
-            proof = reader.prove_consistency(state.tree_size, size).path if state.tree_size else []
-        except (ValueError, CorruptionError) as e:
-            out.append(Problem(path, None, None, f"cannot prove the shard extends {what}: {e}"))
-            return out
-        if not merkle.verify_consistency(state.tree_size, size, state.root, current, list(proof)):
-            out.append(
-                Problem(
-                    path,
-                    None,
-                    None,
-                    f"the shard's tree does not extend the root {what} states at size {state.tree_size}: "
-                    "rewritten",
-                )
-            )
-        return out
+        why = extension_problem(reader, state, size, reader.merkle_root(size), what)
+        if why is None:
+            return []
+        return [Problem(path, None, state.tree_size if size < state.tree_size else None, why)]
 
 
 def _keyed(

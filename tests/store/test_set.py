@@ -350,6 +350,21 @@ def checkpointed(set_root: Path) -> Path:
     return set_root
 
 
+def _rolled_back_set(set_root: Path, tmp_path: Path) -> StoreSet:
+    """A set checkpointed with shard-001 at 7 records, then shard-001 restored from a 3-record copy."""
+    s = _make_set(set_root, [3, 3])
+    shutil.copytree(set_root / "shard-001", tmp_path / "old")
+    _, store = s.acquire()
+    _, store1 = s.acquire()
+    _fill(store1, 4, tag="more")
+    store.close()
+    store1.close()
+    s.checkpoint()
+    shutil.rmtree(set_root / "shard-001")
+    shutil.copytree(tmp_path / "old", set_root / "shard-001")
+    return s
+
+
 class TestSetIntegrity:
     def test_checkpoint_never_waits_for_live_shard_writers(self, set_root: Path) -> None:
         """A set checkpoint is written while every shard's writer holds its lock."""
@@ -393,16 +408,7 @@ class TestSetIntegrity:
 
     def test_rolled_back_shard_is_tampering(self, set_root: Path, tmp_path: Path) -> None:
         """A shard restored from an older copy (a smaller tree) is reported."""
-        s = _make_set(set_root, [3, 3])
-        shutil.copytree(set_root / "shard-001", tmp_path / "old")
-        _, store = s.acquire()
-        _, store1 = s.acquire()
-        _fill(store1, 4, tag="more")
-        store.close()
-        store1.close()
-        s.checkpoint()
-        shutil.rmtree(set_root / "shard-001")
-        shutil.copytree(tmp_path / "old", set_root / "shard-001")
+        _rolled_back_set(set_root, tmp_path)
         assert any("rolled back" in r for r in _problems(set_root))
 
     def test_rewritten_shard_at_same_size_is_tampering(self, checkpointed: Path, tmp_path: Path) -> None:
@@ -814,3 +820,39 @@ class TestEditedSetFile:
         """Opening a set root as a single store names the way out: shards=."""
         with pytest.raises(NotAStoreError, match='shards="auto"'):
             AuditStore.open(checkpointed)
+
+
+class TestCheckpointNeverPapersOver:
+    def test_rolled_back_shard_is_refused(self, set_root: Path, tmp_path: Path) -> None:
+        """A shard restored from an older copy: the next set checkpoint refuses instead of restating it."""
+        s = _rolled_back_set(set_root, tmp_path)
+        before = (set_root / "set-checkpoints.jsonl").read_bytes()
+        with pytest.raises(CorruptionError, match="rolled back"):
+            s.checkpoint()
+        assert cli(["checkpoint", str(set_root)]) == 1
+        assert (set_root / "set-checkpoints.jsonl").read_bytes() == before
+
+    def test_rewritten_shard_is_refused(self, checkpointed: Path, tmp_path: Path) -> None:
+        """A shard replaced by another consistent store of the same size: refused."""
+        with AuditStore.open(tmp_path / "forged") as forged:
+            _fill(forged, 6, tag="forged")
+        shutil.rmtree(checkpointed / "shard-001")
+        shutil.copytree(tmp_path / "forged", checkpointed / "shard-001")
+        with pytest.raises(CorruptionError, match="rewritten"):
+            StoreSet.open(checkpointed).checkpoint()
+
+    def test_deleted_last_shard_is_refused(self, checkpointed: Path) -> None:
+        """The highest shard deleted (nothing below it is missing): refused as deleted."""
+        shutil.rmtree(checkpointed / "shard-002")
+        with pytest.raises(CorruptionError, match="shard-002, which is gone"):
+            StoreSet.open(checkpointed).checkpoint()
+
+    def test_honest_growth_is_stated(self, checkpointed: Path) -> None:
+        """Shards that grew since the previous set checkpoint extend it: the next one is written."""
+        s = StoreSet.open(checkpointed)
+        stores = [s.acquire()[1] for _ in range(3)]
+        for store in stores:
+            _fill(store, 2, tag="later", t0=T0 + 10**9)
+            store.close()
+        cp = s.checkpoint()
+        assert [x.tree_size for x in cp.shards] == [6, 8, 5]
