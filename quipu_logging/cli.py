@@ -361,8 +361,15 @@ def _require_offline(root: str) -> None:
 
 
 def _refuse_inside(path: str, root: str, option: str) -> None:
-    """An output file inside the store (or set) could overwrite its own files: a usage error."""
+    """An output file inside the store (or set) could overwrite its own files: a usage error.
+
+    A shard given as the root protects its whole set (the SET file, the set checkpoints and
+    the other shards sit beside it).
+    """
     store = os.path.realpath(root)
+    parent = os.path.dirname(store)
+    if shard_index(os.path.basename(store)) is not None and is_set_root(parent):
+        store = parent
     if os.path.commonpath([os.path.realpath(path), store]) == store:
         raise UsageError(
             f"{option}: {path!r} is inside the store {root!r}; write it elsewhere (a file there could "
@@ -644,7 +651,8 @@ def _prove(args: argparse.Namespace) -> int:
         if not is_set_root(root):
             raise UsageError(f"--shard: {root!r} is not a store set")
         text = args.shard
-        index = int(text) if text.isascii() and text.isdigit() else shard_index(text)
+        digits = text.isascii() and text.isdigit() and len(text) <= 9
+        index = int(text) if digits else shard_index(text)
         if index is None:
             raise UsageError(f"--shard: expected a shard name (shard-001) or number (1), got {text!r}")
         name = shard_name(index)

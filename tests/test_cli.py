@@ -1687,9 +1687,31 @@ class TestOutputsInsideTheStore:
         assert_one_line_error(err, "--out", "cannot write")
         assert "Errno" not in err
 
+    def test_a_shard_root_protects_its_whole_set(
+        self, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Given a shard as the root, --out/--export may not land in its set (SET, set checkpoints)."""
+        from quipu_logging import StoreSet
+
+        s = StoreSet.open(tmp_path / "set", shards=2)
+        s.acquire()[1].close()
+        s.acquire()[1].close()
+        before = {n: (tmp_path / "set" / n).read_bytes() for n in ("SET", "set-checkpoints.jsonl")}
+        shard = tmp_path / "set" / "shard-000"
+        assert run(capsys, "export", shard, "--out", tmp_path / "set" / "SET")[0] == 2
+        assert (
+            run(capsys, "checkpoint", shard, "--export", tmp_path / "set" / "set-checkpoints.jsonl")[0] == 2
+        )
+        other = tmp_path / "set" / "shard-001" / "checkpoints.jsonl"
+        assert run(capsys, "checkpoint", shard, "--export", other)[0] == 2
+        assert {n: (tmp_path / "set" / n).read_bytes() for n in before} == before
+
 
 class TestProveShardNames:
-    @pytest.mark.parametrize("bad", ["../other/shard-000", "/tmp", "shard-1", "\u0661", "-1", ""])
+    @pytest.mark.parametrize(
+        "bad",
+        ["../other/shard-000", "/tmp", "shard-1", "\u0661", "-1", "", "9" * 5000, "shard-" + "1" * 5000],
+    )
     def test_only_a_shard_name_or_number(
         self, tmp_path: Path, capsys: pytest.CaptureFixture[str], bad: str
     ) -> None:

@@ -55,7 +55,8 @@ def _park_through_a_pipeline(
     """Runs a pipeline whose store refuses every write, so each event is parked."""
     layer = layer or SegmentFaults()
     p = AuditPipeline.start(
-        StoreConfig(root=root, file_layer=layer), config=PipelineConfig(retries=0, **QUIET)  # type: ignore[arg-type]
+        StoreConfig(root=root, file_layer=layer),
+        config=PipelineConfig(retries=0, **QUIET),  # type: ignore[arg-type]
     )
     layer.failing = True
     handle = p.handle()
@@ -312,7 +313,10 @@ class TestRedrive:
         def run(root: Path, at: int) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [sys.executable, "-c", script, str(root), str(at)],
-                env=env, timeout=60, capture_output=True, text=True,
+                env=env,
+                timeout=60,
+                capture_output=True,
+                text=True,
             )
 
         clean = tmp_path / "clean"

@@ -315,9 +315,7 @@ class TestEmit:
         assert gaps[0]["first_seq"] == 0 and gaps[0]["last_seq"] == gaps[0]["seq"] == 1
         assert "99 records went to the fallback" in gaps[0]["reason"]
 
-    def test_several_producers_overshoot_by_at_most_one_each(
-        self, tmp_path: Path, started: Pipes
-    ) -> None:
+    def test_several_producers_overshoot_by_at_most_one_each(self, tmp_path: Path, started: Pipes) -> None:
         """With T producer threads the queue holds at most capacity + T, and every emit is counted once."""
         p, handle = _start(started, tmp_path / "s", queue_size=10)
         threads_n, per_thread = 8, 200
@@ -366,17 +364,19 @@ class TestEmit:
         assert (m["offered"], m["rejected_closed"]) == (1, 1)
         _check_identities(m)
 
-    def test_metrics_and_health_answer_while_the_writer_is_held(
-        self, tmp_path: Path, started: Pipes
-    ) -> None:
+    def test_metrics_and_health_answer_while_the_writer_is_held(self, tmp_path: Path, started: Pipes) -> None:
         """metrics() and health() need neither the writer nor a role."""
         p, handle = _start(started, tmp_path / "s")
         with paused(p):
             handle.emit("app", {"i": 1})
             assert handle.metrics()["queue_depth"] == 1
             assert handle.health() == {
-                "writer_alive": True, "disk_full": False, "low_disk": False,
-                "stalled": False, "closed": False, "status": "ok",
+                "writer_alive": True,
+                "disk_full": False,
+                "low_disk": False,
+                "stalled": False,
+                "closed": False,
+                "status": "ok",
             }
 
 
@@ -406,9 +406,7 @@ class TestFlushAndClose:
             assert store.last_checkpoint is not None and store.last_checkpoint.tree_size == 10
             assert store.verify().ok
 
-    def test_close_drains_a_full_queue_without_a_free_slot(
-        self, tmp_path: Path, started: Pipes
-    ) -> None:
+    def test_close_drains_a_full_queue_without_a_free_slot(self, tmp_path: Path, started: Pipes) -> None:
         """Capacity 8, writer held, queue full: close() needs no slot, ends the hold and stores all 8."""
         p, handle = _start(started, tmp_path / "s", queue_size=8)
         with paused(p):
@@ -448,9 +446,7 @@ class TestFlushAndClose:
 
 
 class TestGroupCommit:
-    def test_a_lone_record_becomes_durable_by_the_deadline(
-        self, tmp_path: Path, started: Pipes
-    ) -> None:
+    def test_a_lone_record_becomes_durable_by_the_deadline(self, tmp_path: Path, started: Pipes) -> None:
         """Under group:1000:20, one record with no later traffic is fsynced by the writer alone."""
         layer = FaultLayer()
         root = tmp_path / "s"
@@ -501,9 +497,7 @@ class TestFailures:
         assert [(r["i"], r["ts"]) for r in records] == [(i, 10 + i) for i in range(5)]
         assert not list((tmp_path / "s" / "dlq").glob("parked-*"))
 
-    def test_enospc_is_not_retried_and_latches_disk_full(
-        self, tmp_path: Path, started: Pipes
-    ) -> None:
+    def test_enospc_is_not_retried_and_latches_disk_full(self, tmp_path: Path, started: Pipes) -> None:
         """ENOSPC parks at once and sets the latch, which rejects emits (when asked) until a write works."""
         layer = FaultLayer()
         p, handle = _start(started, tmp_path / "s", layer=layer, reject_emit_when_disk_full=True)
@@ -530,7 +524,11 @@ class TestFailures:
         layer = FaultLayer()
         lost: list[tuple[Mapping[str, Any], BaseException]] = []
         p, handle = _start(
-            started, tmp_path / "s", layer=layer, retries=0, dlq_dir=tmp_path / "notadir",
+            started,
+            tmp_path / "s",
+            layer=layer,
+            retries=0,
+            dlq_dir=tmp_path / "notadir",
             on_lost=lambda e, err: lost.append((e, err)),
         )
         layer.stick("segment", errno.EIO)
@@ -582,9 +580,7 @@ class TestFailures:
         assert p.close()
         assert [r["i"] for r in _records(tmp_path / "s")] == [0, 1, 2]
 
-    def test_writer_death_is_visible_and_settles_its_events(
-        self, tmp_path: Path, started: Pipes
-    ) -> None:
+    def test_writer_death_is_visible_and_settles_its_events(self, tmp_path: Path, started: Pipes) -> None:
         """An unreopenable store kills the writer: health says so, emits are refused, all is accounted."""
         layer = FaultLayer()
         p, handle = _start(started, tmp_path / "s", layer=layer, sync="always")
@@ -657,8 +653,17 @@ class TestAccounting:
 
         policy = PermissionPolicy({"app": {"emit"}, "ops": {"emit", "administer"}})
         p, handle = _start(
-            started, tmp_path / "s", layer=layer, permissions=policy, on_lost=on_lost, queue_size=2,
-            retries=1, retry_backoff=0.0, dlq_dir=dlq, stall_timeout=5.0, reject_emit_when_disk_full=True,
+            started,
+            tmp_path / "s",
+            layer=layer,
+            permissions=policy,
+            on_lost=on_lost,
+            queue_size=2,
+            retries=1,
+            retry_backoff=0.0,
+            dlq_dir=dlq,
+            stall_timeout=5.0,
+            reject_emit_when_disk_full=True,
         )
         clock = FakeClock()
         p._clock = clock
@@ -709,9 +714,18 @@ class TestAccounting:
         m = handle.metrics()
         _check_identities(m)
         expected = {
-            "offered": 12, "accepted": 9, "rejected_full": 1, "rejected_disk_full": 1, "rejected_closed": 1,
-            "denied": 2, "written": 5, "parked": 2, "redriven": 2, "parked_now": 0,
-            "handed_off": 1, "lost": 1,
+            "offered": 12,
+            "accepted": 9,
+            "rejected_full": 1,
+            "rejected_disk_full": 1,
+            "rejected_closed": 1,
+            "denied": 2,
+            "written": 5,
+            "parked": 2,
+            "redriven": 2,
+            "parked_now": 0,
+            "handed_off": 1,
+            "lost": 1,
         }
         assert {k: m[k] for k in expected} == expected
         assert p.close()

@@ -114,7 +114,7 @@ SET_FORMAT_NAME = "quipu-log-set"
 SET_FORMAT_VERSION = 1
 SET_DOMAIN = b"quipu-set-checkpoint-v1\n"
 UNSIGNED_KEY_ID = "sha256"
-_SHARD_RE = re.compile(r"^shard-(\d+)$")
+_SHARD_RE = re.compile(r"shard-([0-9]{3,9})")  # ASCII digits only; fullmatch (no trailing newline)
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
 _SHARD_ENTRY = struct.Struct(">IQ")
@@ -129,7 +129,7 @@ def shard_name(index: int) -> str:
 
 def shard_index(name: str) -> int | None:
     """The index of a canonical shard name, or ``None`` (``shard-7`` is not canonical)."""
-    m = _SHARD_RE.match(name)
+    m = _SHARD_RE.fullmatch(name)
     if m is None:
         return None
     index = int(m.group(1))

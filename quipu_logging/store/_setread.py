@@ -92,7 +92,7 @@ class StoreSetReader(AuditStore):
         try:
             with open(self._set_path, "rb") as f:
                 self._set_bytes = f.read()
-        except FileNotFoundError:
+        except OSError:  # gone, or replaced by a directory or something else unreadable
             # A set whose SET file was deleted (open_set_reader checked it is a set): reading
             # goes on, shards being stores of their own; verify reports it.
             self._set_bytes = b""
@@ -456,7 +456,7 @@ class StoreSetReader(AuditStore):
         done = 0
         pending = 0
         checked = 0
-        for reader in self.shards.values():
+        for name, reader in self.shards.items():
 
             def shard_progress(n: int, _t: int, base: int = done) -> None:
                 if progress is not None:
@@ -469,7 +469,7 @@ class StoreSetReader(AuditStore):
             # A shard's own checkpoints are signed when its writer had a key; unsigned ones are
             # not a problem here: the (signed) set checkpoints state every shard's root.
             problems.extend(p for p in report.problems if not p.reason.startswith(UNSIGNED_UNDER_KEYS))
-            shard_warnings.extend(f"{reader.root}: {w}" for w in report.warnings)
+            shard_warnings.extend(f"{name}: {w}" for w in report.warnings)
             pending += report.pending
             checked += report.records_checked
             done += reader.tree_size
@@ -638,7 +638,7 @@ def open_set_reader(root: str | os.PathLike[str], *, file_layer: FileLayer | Non
     try:
         with open(path, "rb") as f:
             read_set_limit(f.read(), path)
-    except (CorruptionError, FileNotFoundError):
+    except (CorruptionError, OSError):
         pass  # readable as shards; verify reports the SET file
     except NotAStoreError:
         if not set_markers(os.fspath(root)):

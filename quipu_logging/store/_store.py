@@ -1918,7 +1918,8 @@ class AuditStore:
         orphans = 0  # records beyond the spine that are not a live writer's pending ones
         unpublished: list[tuple[str, int, int]] = []  # (file, offset, seq) of frames beyond the spine
         first_base, first_path = 0, self._log_dir
-        retention_floor = 0  # removed_below of the newest retention record
+        retention_floor = 0  # removed_below of the newest retention record a checkpoint covers
+        retention_seen: list[tuple[int, int]] = []  # (seq, removed_below) of retention records read
         unreadable_from: tuple[str, int] | None = None  # damage that ends the last segment early
         pruned = False  # the segment before was removed by retention while this verify ran
         first_read = True
@@ -2022,7 +2023,7 @@ class AuditStore:
                     # Only the store writes "$sys" (user keys are escaped to "$$sys").
                     below = obj.get("removed_below")
                     if type(below) is int:
-                        retention_floor = below
+                        retention_seen.append((seq, below))
                 seq += 1
             checked += len(frames)
             del payloads, view
@@ -2052,6 +2053,17 @@ class AuditStore:
                 problems.append(
                     Problem(path, offset, seq, "record has no leaf in the Merkle spine (spine truncated?)")
                 )
+        if retention_seen:
+            # Retention writes its record, then a checkpoint, then deletes: a retention record no
+            # checkpoint covers (say one appended by hand) excuses nothing. The checkpoints are
+            # read again here, after the segments: a live writer's retention that deleted a
+            # segment this verify missed has written its checkpoint by then.
+            covered = max(
+                [cp.tree_size for _, cp, _ in lines if cp is not None] + [self._newest_checkpoint_size()]
+            )
+            for at, below in retention_seen:
+                if at < covered:
+                    retention_floor = below
         if first_base > retention_floor:
             allowed = f"; retention removed only seq < {retention_floor}" if retention_floor else ""
             problems.append(
@@ -2130,7 +2142,7 @@ class AuditStore:
             root=spine.root(tree),
             problems=problems,
             pending=pending,
-            records_checked=checked,
+            records_checked=checked - pending,  # pending records have no leaf to check against
             warnings=warnings,
         )
 
@@ -2159,6 +2171,15 @@ class AuditStore:
         if any(path != seg.path for path, _, _ in unpublished):
             return False
         return not os.path.exists(os.path.join(self._log_dir, fmt.sidecar_name(seg.number)))
+
+    def _newest_checkpoint_size(self) -> int:
+        """The largest tree size ``checkpoints.jsonl`` states now (0 when there is none)."""
+        try:
+            data = self._read_file(os.path.join(self.root, "checkpoints.jsonl"))
+        except OSError:
+            return 0
+        lines, _ = parse_checkpoint_lines(data)
+        return max((cp.tree_size for _, cp, _ in lines if cp is not None), default=0)
 
     def _reload_lines(self) -> list[tuple[int, Checkpoint | None, str]]:
         path = os.path.join(self.root, "checkpoints.jsonl")

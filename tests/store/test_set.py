@@ -790,6 +790,16 @@ class TestForeignShards:
         )
 
 
+def _assert_damaged_but_readable(root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify reports the SET file (exit 1), the 13 records stay readable, writers refuse the set."""
+    assert cli(["verify", str(root)]) == 1
+    assert "SET file" in capsys.readouterr().out
+    assert cli(["stats", str(root), "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["records"] == 13
+    with pytest.raises(CorruptionError):
+        StoreSet.open(root)
+
+
 class TestEditedSetFile:
     @pytest.mark.parametrize(
         "content",
@@ -800,12 +810,15 @@ class TestEditedSetFile:
     ) -> None:
         """A SET file replaced by other JSON: verify exit 1 (not 2), reads go on, writers refuse."""
         (checkpointed / "SET").write_bytes(content)
-        assert cli(["verify", str(checkpointed)]) == 1
-        assert "SET file" in capsys.readouterr().out
-        assert cli(["stats", str(checkpointed), "--json"]) == 0
-        assert orjson.loads(capsys.readouterr().out)["records"] == 13
-        with pytest.raises(CorruptionError):
-            StoreSet.open(checkpointed)
+        _assert_damaged_but_readable(checkpointed, capsys)
+
+    def test_set_file_replaced_by_a_directory(
+        self, checkpointed: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """SET turned into a directory: tampering (exit 1), shards readable, writers refuse."""
+        (checkpointed / "SET").unlink()
+        (checkpointed / "SET").mkdir()
+        _assert_damaged_but_readable(checkpointed, capsys)
 
     def test_newer_version_still_asks_for_an_upgrade(self, checkpointed: Path) -> None:
         """An integer version other than 1 is a format this release cannot read (exit 2), not damage."""
@@ -856,3 +869,20 @@ class TestCheckpointNeverPapersOver:
             store.close()
         cp = s.checkpoint()
         assert [x.tree_size for x in cp.shards] == [6, 8, 5]
+
+
+def test_crash_tail_of_a_shard_is_pending_and_named(set_root: Path) -> None:
+    """A shard's unhashed tail (a killed worker) is pending, with a warning naming the shard."""
+    _make_set(set_root, [5, 2])
+    seg = sorted((set_root / "shard-000" / "log").glob("*.log"))[-1]
+    with open(seg, "ab") as f:
+        f.write(
+            fmt.encode_frame(
+                orjson.dumps({"seq": 5, "ts": T0 + 99, "tag": "s0", "i": 5}, option=orjson.OPT_SORT_KEYS)
+            )
+        )
+    with AuditStore.open_reader(set_root) as reader:
+        report = reader.verify()
+    assert report.ok and report.pending == 1 and report.records_checked == 7
+    [tail] = [w for w in report.warnings if "Merkle tree yet" in w]
+    assert tail.startswith("shard-000: 1 record (seq 5)")
