@@ -100,6 +100,11 @@ _LAST_STD: Final = _STD_ATTRS[-1]
 _PLAIN: Final[frozenset[type]] = frozenset({str, int, float, bool, type(None)})
 _FILTER_GIVES_RECORD: Final = sys.version_info >= (3, 12)  # Filterer.filter returns the record
 _NOT_PLAIN: Final = (object(),)  # stands for arguments that are not a tuple
+_LAST_POS: Final = _N_STD - 1
+# Called directly, these skip reversed()'s lookup of __reversed__ and its bound method.
+_dict_reversed: Final = dict.__reversed__
+# How many keys a reverse dict iterator has left (typeshed does not know the method).
+_length_hint: Final[Callable[[Any], int]] = type(reversed({})).__length_hint__  # type: ignore[attr-defined]
 _new_record: Final = _LogRecord.__new__
 _in_audit_path_get: Final = _in_audit_path.get
 
@@ -330,6 +335,38 @@ class AuditHandler(logging.Handler):
             ``pipeline``, or options conflicting with a live handler on the same root.
     """
 
+    # Slots, not the instance __dict__, hold this class's state. With logging.Handler's own
+    # attributes the dict would have over 30 keys, past CPython's shared-key limit: logging's
+    # callHandlers() then looks up hdlr.handle without specialising on every record (~250
+    # instructions), and each self._front costs more too. The dict keeps Handler's few.
+    __slots__ = (
+        "_audit_closed",
+        "_closed_set",
+        "_config_section",
+        "_counters",
+        "_default_fallback",
+        "_fallback",
+        "_fallback_spec",
+        "_front",
+        "_generation",
+        "_handle",
+        "_mapper",
+        "_owned_fallback",
+        "_pid",
+        "_pipeline",
+        "_set_handle",
+        "_shared",
+        "_warned",
+        "flush_timeout",
+        "max_field_chars",
+        "queue_size",
+        "role",
+        "root",
+        "signing_key",
+        "sync",
+        "unavailable",
+    )
+
     def __init__(
         self,
         root: str | os.PathLike[str] | None = None,
@@ -559,29 +596,32 @@ class AuditHandler(logging.Handler):
                     if type(value) is not str and type(value) not in _PLAIN:
                         break
                 else:
-                    # The extras are the last n attributes, and the one before them must be
-                    # the last one LogRecord.__init__ sets (else one was deleted, and
-                    # positions say nothing): n ends at 0 only when both hold.
-                    n = len(attrs) - _N_STD
-                    for key, value in reversed(attrs.items()):
-                        if not n:
-                            if key is not _LAST_STD:
-                                n = -1
+                    # The extras are the attributes after the last one LogRecord.__init__
+                    # sets, and that one must still be where __init__ put it (else an
+                    # attribute was deleted, and positions say nothing): walk the keys
+                    # from the end, checking values, until it turns up, then ask the
+                    # iterator how many keys are left before it.
+                    keys = _dict_reversed(attrs)
+                    for key in keys:
+                        if key is _LAST_STD:
+                            if _length_hint(keys) == _LAST_POS:
+                                p, q, capacity, accepted, build = front
+                                gate = p._gate
+                                # While a batch runs, gate is its stall deadline. The clock is
+                                # fetched, then called: p._clock() would be a method lookup
+                                # that never specialises (_clock is an instance attribute).
+                                if (gate is None or (_now := p._clock)() < gate) and q.qsize() < capacity:
+                                    item = (build, attrs.copy())
+                                    q.put(item)
+                                    if p._attn and not p._settle(item):
+                                        self._divert(record, "closed")
+                                        return rv
+                                    next(accepted)
+                                    return rv
                             break
+                        value = attrs[key]
                         if type(value) is not str and type(value) not in _PLAIN:
                             break
-                        n -= 1
-                    if not n:
-                        p, q, capacity, accepted, build = front
-                        gate = p._gate
-                        if (gate is None or p._clock() < gate) and q.qsize() < capacity:
-                            item = (build, attrs.copy())
-                            q.put(item)
-                            if p._attn and not p._settle(item):
-                                self._divert(record, "closed")
-                                return rv
-                            next(accepted)
-                            return rv
         self.emit(record)
         return rv
 
