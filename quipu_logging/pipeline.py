@@ -23,7 +23,8 @@ Design notes (DESIGN §6):
   checks itself (see :meth:`AuditPipeline._front`) and queues ``(build, data)``; the
   writer calls ``build(data)`` for the event when it takes it (:func:`_resolve`).
 * **The writer** (thread ``quipu-writer``) drains at most ``batch_max`` events per
-  ``append_batch`` and yields the GIL between slices. When idle it waits at most
+  ``append_batch``, fewer when they would take more than ``slice_time`` of its CPU,
+  and yields the GIL between slices. When idle it waits at most
   until the store's group-commit deadline (``AuditStore.sync_due``), so
   ``group:N:MS`` holds with no further traffic, and at most until the next
   housekeeping (sync, retention, a free-space check), which also runs under steady
@@ -137,6 +138,12 @@ class PipelineConfig:
     Attributes:
         queue_size: capacity of the bounded queue between callers and the writer.
         batch_max: most events the writer appends at once (it yields the GIL between slices).
+        slice_time: seconds of writer CPU one slice aims at: the writer sizes each slice
+            (at most ``batch_max`` events) from the CPU time per event of the slices before
+            it, so the stretch in which it holds the GIL, which is what a logging thread
+            may have to wait, stays near this on a slow machine as on a fast one. The
+            default, 2 ms, is under CPython's 5 ms switch interval; shorter slices cost
+            throughput while producers run (each one hands the GIL over).
         retries: extra attempts after a failed append (not for ENOSPC or a failed fsync).
         retry_backoff: seconds before the first retry; doubled each time, with +-50% jitter.
         dlq_dir: where parked events go; default ``ROOT/dlq``.
@@ -153,6 +160,7 @@ class PipelineConfig:
 
     queue_size: int = 4096
     batch_max: int = 256
+    slice_time: float = 0.002
     retries: int = 3
     retry_backoff: float = 0.02
     dlq_dir: str | os.PathLike[str] | None = None
@@ -168,6 +176,7 @@ class PipelineConfig:
         _count("batch_max", self.batch_max, 1)
         _count("retries", self.retries, 0)
         seconds = {
+            "slice_time": _positive("slice_time", self.slice_time),
             "retry_backoff": _positive("retry_backoff", self.retry_backoff, zero_ok=True),
             "stall_timeout": _positive("stall_timeout", self.stall_timeout),
             "housekeeping_interval": _positive("housekeeping_interval", self.housekeeping_interval),
@@ -340,6 +349,10 @@ class AuditPipeline:
         self._fsyncs_before = 0  # fsyncs of stores this pipeline closed and reopened
         self._latency = LatencyHistogram()
         self._taken = 0  # events the writer took off the queue
+        # Events the next slice takes: sized by time (PipelineConfig.slice_time) from the
+        # writer's smoothed CPU seconds per event.
+        self._slice = min(64, config.batch_max)
+        self._cpu_per_event = 0.0
         self._batch: list[Mapping[str, Any]] = []  # the batch being written
         self._backlog: list[Mapping[str, Any]] = []  # the final drain's events not yet written
         self._dying = False
@@ -697,7 +710,6 @@ class AuditPipeline:
 
     def _loop(self) -> None:
         q = self._queue
-        batch_max = self.config.batch_max
         while True:
             if self._control and self._run_controls():
                 return
@@ -705,8 +717,8 @@ class AuditPipeline:
             if n:
                 # The segment pwrite of each slice releases the GIL, so producers run
                 # between slices; an extra sleep(0) would only make the writer wait a whole
-                # switch interval to get it back.
-                self._write_batch([q.get_nowait() for _ in range(min(n, batch_max))])
+                # switch interval to get it back. The slice is sized by time, not by count.
+                self._write_batch([q.get_nowait() for _ in range(min(n, self._slice))])
                 self._after_work()
                 continue
             self._after_work()
@@ -800,9 +812,8 @@ class AuditPipeline:
 
     def _drain(self, count: int) -> None:
         q = self._queue
-        batch_max = self.config.batch_max
         while count > 0:
-            take = min(count, batch_max)
+            take = min(count, self._slice)
             batch = []
             for _ in range(take):
                 try:
@@ -842,6 +853,7 @@ class AuditPipeline:
     def _write_batch(self, batch: list[Any]) -> None:
         self._taken += len(batch)
         started = time.perf_counter()
+        cpu = time.thread_time()
         busy = self._busy_since = self._clock()
         self._set_gate(busy + self._stall_timeout)
         try:
@@ -852,8 +864,27 @@ class AuditPipeline:
             self._busy_since = None
             self._set_gate(None)
         self._latency.observe(time.perf_counter() - started)
+        self._size_slice(len(batch), time.thread_time() - cpu)
         self._batches += 1
         self._batch = []
+
+    def _size_slice(self, events: int, cpu: float) -> None:
+        """Sizes the next slice so that it takes about ``slice_time`` of the writer's CPU.
+
+        CPU time, not wall time: a slice that waited on an fsync or a retry's backoff
+        held no GIL meanwhile, and counting the wait would shrink the slices of the
+        ``always`` policy, adding fsyncs. Smoothed, so one slow slice (a rollover, a
+        checkpoint) does not halve the next one.
+        """
+        if events <= 0:
+            return
+        per = cpu / events
+        old = self._cpu_per_event
+        if old > 0.0:
+            per = old + (per - old) * 0.25
+        self._cpu_per_event = per
+        top = self.config.batch_max
+        self._slice = top if per <= 0.0 else max(1, min(top, int(self.config.slice_time / per)))
 
     def _store_events(self, events: list[Mapping[str, Any]]) -> None:
         """Appends ``events``, retrying and then parking what the store would not take."""

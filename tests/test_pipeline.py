@@ -183,7 +183,7 @@ class TestPipelineConfig:
         assert (c.queue_size, c.batch_max, c.retries, c.retry_backoff) == (4096, 256, 3, 0.02)
         assert (c.dlq_dir, c.stall_timeout, c.housekeeping_interval) == (None, 30.0, 30.0)
         assert (c.reject_emit_when_disk_full, c.low_disk_bytes, c.low_disk_ratio) == (False, 1024**3, 0.10)
-        assert c.close_timeout == 10.0
+        assert c.close_timeout == 10.0 and c.slice_time == 0.002
 
     @pytest.mark.parametrize(
         "bad",
@@ -200,6 +200,8 @@ class TestPipelineConfig:
             {"reject_emit_when_disk_full": "yes"},
             {"dlq_dir": 3},
             {"close_timeout": float("inf")},
+            {"slice_time": 0},
+            {"slice_time": float("nan")},
         ],
     )
     def test_invalid_values_raise_config_error(self, bad: dict[str, Any]) -> None:
@@ -314,6 +316,20 @@ class TestEmit:
         assert len(gaps) == 1 and gaps[0]["count"] == 99 and gaps[0]["queue_full"] == 99
         assert gaps[0]["first_seq"] == 0 and gaps[0]["last_seq"] == gaps[0]["seq"] == 1
         assert "99 records went to the fallback" in gaps[0]["reason"]
+
+    @pytest.mark.parametrize(("slice_time", "batches"), [(1e-9, 1 + 936), (1e3, 1 + 4)])
+    def test_slices_are_sized_by_the_writers_cpu_time(
+        self, tmp_path: Path, started: Pipes, slice_time: float, batches: int
+    ) -> None:
+        """The first slice takes 64 events; later ones as many as fit in slice_time (1 to batch_max)."""
+        p, handle = _start(started, tmp_path / "s", slice_time=slice_time)
+        with paused(p):
+            for i in range(1000):
+                handle.emit("app", {"i": i})
+        assert p.flush(10)
+        m = handle.metrics()
+        assert (m["written"], m["batches"]) == (1000, batches)
+        assert [r["i"] for r in _user(_records(tmp_path / "s"))] == list(range(1000))
 
     def test_several_producers_overshoot_by_at_most_one_each(self, tmp_path: Path, started: Pipes) -> None:
         """With T producer threads the queue holds at most capacity + T, and every emit is counted once."""
