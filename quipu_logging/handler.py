@@ -607,10 +607,15 @@ class AuditHandler(logging.Handler):
                             if _length_hint(keys) == _LAST_POS:
                                 p, q, capacity, accepted, build = front
                                 gate = p._gate
-                                # While a batch runs, gate is its stall deadline. The clock is
-                                # fetched, then called: p._clock() would be a method lookup
-                                # that never specialises (_clock is an instance attribute).
-                                if (gate is None or (_now := p._clock)() < gate) and q.qsize() < capacity:
+                                # While a batch runs, gate is its stall deadline in wall-clock
+                                # time, compared with the time logging already read for the
+                                # record: no clock call here. A filter that broke "created"
+                                # (gone, or not a number) sends the record to emit().
+                                try:
+                                    go = gate is None or attrs["created"] < gate
+                                except (KeyError, TypeError):
+                                    go = False
+                                if go and q.qsize() < capacity:
                                     item = (build, attrs.copy())
                                     q.put(item)
                                     if p._attn and not p._settle(item):
@@ -1026,8 +1031,11 @@ class _Builder:
                 "logger": str(attrs.get("name")),
                 "message": str(attrs.get("msg")),
                 "message_error": f"{type(exc).__name__}: {exc}",
-                "ts": round(attrs.get("created", 0) * 1_000_000),
             }
+            try:
+                event["ts"] = round(attrs["created"] * 1_000_000)
+            except Exception:
+                pass  # a filter broke "created": the store stamps the time it appends
         if TRUNCATED in event:
             handler._counters["truncated"].add()
         return event

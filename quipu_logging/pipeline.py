@@ -292,9 +292,13 @@ class AuditPipeline:
         self._why_closed = f"audit pipeline for {root!r} is closed"
         self._busy_since: float | None = None
         # What AuditHandler's fast path reads instead of _accepting and _busy_since:
-        # None while accepting with no batch running, _busy_since + stall_timeout while
-        # one runs, _CLOSED (-inf) once not accepting. An emit may go ahead when it is
-        # None or the clock is below it.
+        # None while accepting with no batch running, the batch's stall deadline while
+        # one runs, _CLOSED (-inf) once not accepting. The deadline is in time.time()
+        # terms: the fast path compares it with record.created, which logging read
+        # already, instead of calling a clock. emit() checks with the monotonic clock and
+        # has the last word: a wall-clock step forward only sends records to emit(); one
+        # backwards during a stalled batch lets the fast path queue (in the bounded
+        # queue, nothing lost) for up to the step longer.
         self._gate: float | None = None
         self._disk_full = False
         self._low_disk = False
@@ -854,8 +858,9 @@ class AuditPipeline:
         self._taken += len(batch)
         started = time.perf_counter()
         cpu = time.thread_time()
-        busy = self._busy_since = self._clock()
-        self._set_gate(busy + self._stall_timeout)
+        self._busy_since = self._clock()
+        # The fast path compares this with record.created (wall-clock, read by logging).
+        self._set_gate(time.time() + self._stall_timeout)
         try:
             # Events an AuditHandler deferred are built here, inside the stall watch.
             batch = self._batch = _resolve(batch)

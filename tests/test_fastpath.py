@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,17 @@ class Spy:
     def __call__(self, record: logging.LogRecord) -> None:
         self.calls += 1
         self._emit(record)
+
+
+class Capture(logging.Handler):
+    """A fallback that keeps the records it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def payloads(root: Path) -> list[dict[str, Any]]:
@@ -321,3 +333,48 @@ def test_a_builder_that_fails_still_stores_the_record(
     assert payload["message_error"] == "RuntimeError: formatter broke"
     m = handler.metrics()
     assert m["written"] == 1 and m["rejected"] == 0
+
+
+def test_the_stall_deadline_is_compared_with_the_records_created(
+    tmp_path: Path, logger: logging.Logger
+) -> None:
+    """While a batch runs, the fast path compares its wall-clock stall deadline with
+    ``record.created`` (no clock call). Past the deadline, or with a ``created`` a filter
+    broke, the record takes ``emit``, whose monotonic check has the last word: no batch is
+    really running, so "past the deadline" is stored; ``emit`` cannot build a record whose
+    ``created`` is not a number and sends it to the fallback, counted. Nothing raises into
+    the caller, and no record is lost."""
+    fallback = Capture()
+    handler = AuditHandler(tmp_path / "s", fallback=fallback)
+    logger.addHandler(handler)
+    spy = Spy(handler)
+    pipeline = handler.pipeline
+    assert pipeline is not None
+
+    def broken_created(record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("odd created"):
+            record.created = "yesterday"  # type: ignore[assignment]
+        return True
+
+    logger.addFilter(broken_created)
+    with paused(handler):  # the writer is held between batches: it does not touch the gate
+        pipeline._gate = time.time() + 3600  # a batch that started just now
+        logger.info("in time")
+        assert spy.calls == 0
+        pipeline._gate = time.time() - 1  # its deadline passed before the call
+        logger.info("past the deadline")
+        assert spy.calls == 1
+        pipeline._gate = time.time() + 3600
+        logger.info("odd created, batch running")
+        assert spy.calls == 2
+        pipeline._gate = None
+        logger.info("odd created, no batch")
+    assert handler.flush()
+    m = handler.metrics()
+    stored = payloads(tmp_path / "s")
+    assert [p["message"] for p in stored] == ["in time", "past the deadline", "odd created, no batch"]
+    # With no batch running the fast path queued it; the writer could not build it and kept
+    # it, saying why, with the time the store appended it.
+    assert stored[2]["message_error"].startswith("TypeError") and isinstance(stored[2]["ts"], int)
+    assert [r.getMessage() for r in fallback.records] == ["odd created, batch running"]
+    assert (m["written"], m["rejected"], m["fallback_ok"]) == (3, 1, 1)
