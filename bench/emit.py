@@ -581,7 +581,7 @@ def _main(args: argparse.Namespace, scratch: str, info: dict[str, str], started:
         goal(
             f"p50 `group:1000:20` ÷ floor, {tt}",
             r,
-            f"{r:.2f}x",
+            f"{r:.3f}x",
             GOAL_P50_VS_FLOOR,
             r <= GOAL_P50_VS_FLOOR,
             f"≤ {GOAL_P50_VS_FLOOR}x",
@@ -590,7 +590,7 @@ def _main(args: argparse.Namespace, scratch: str, info: dict[str, str], started:
         goal(
             f"p50 `group:1000:20` ÷ stdlib QueueHandler, {tt}",
             r,
-            f"{r:.2f}x",
+            f"{r:.3f}x",
             GOAL_P50_VS_STDLIB,
             r <= GOAL_P50_VS_STDLIB,
             f"≤ {GOAL_P50_VS_STDLIB}x",
@@ -599,7 +599,7 @@ def _main(args: argparse.Namespace, scratch: str, info: dict[str, str], started:
         goal(
             f"p99.9 `group:1000:20` ÷ stdlib QueueHandler, {tt}",
             r,
-            f"{r:.2f}x",
+            f"{r:.3f}x",
             GOAL_P999_VS_STDLIB,
             r <= GOAL_P999_VS_STDLIB,
             f"≤ {GOAL_P999_VS_STDLIB}x",
@@ -608,7 +608,7 @@ def _main(args: argparse.Namespace, scratch: str, info: dict[str, str], started:
         goal(
             f"end-to-end `group:1000:20` ÷ stdlib QueueHandler pipeline, {tt}",
             r,
-            f"{r:.2f}x",
+            f"{r:.3f}x",
             GOAL_E2E_VS_STDLIB,
             r >= GOAL_E2E_VS_STDLIB,
             f"≥ {GOAL_E2E_VS_STDLIB}x",
