@@ -20,7 +20,7 @@ a ``SimpleQueue``, nothing else: no check that the copy is a snapshot, no bound,
 accounting), ``AuditHandler`` with its writer held between batches
 (``testing.paused``), ``AuditHandler`` with its writer held in the middle of a batch
 (by a logged value whose ``repr`` waits: while a batch runs, every call compares the
-batch's stall deadline with the clock, and that is what most calls of
+batch's stall deadline with ``record.created``, and that is what most calls of
 ``bench/emit.py`` meet, the writer being in a batch 95% of the time when the logging
 thread runs), and the stdlib ``QueueHandler`` (no listener; its queue is unbounded).
 The child checks that the writer really was held (all the calls still queued) and
