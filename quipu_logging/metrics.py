@@ -2,12 +2,15 @@
 
 Two kinds of counter, chosen by who writes them:
 
-* :class:`Counter` is bumped by any producer thread. It wraps ``itertools.count``,
-  whose ``__next__`` runs entirely in C without releasing the GIL, so concurrent
-  increments are never lost (a plain ``x += 1`` is a read, an add and a store, and a
-  thread switch between them loses an update). An increment costs one C call; reading
-  the value parses ``repr()``, which is fine for a metrics scrape. On a free-threaded
-  build this exactness argument does not hold.
+* :class:`Counter` is bumped by any producer thread. It wraps an
+  ``itertools.repeat(None, sys.maxsize)`` and counts down: its ``__next__`` runs
+  entirely in C without releasing the GIL, so concurrent increments are never lost (a
+  plain ``x += 1`` is a read, an add and a store, and a thread switch between them loses
+  an update). An increment costs one C call that decrements a C integer and returns
+  ``None``: unlike ``itertools.count``, which it replaced, no ``int`` object is made and
+  freed per increment (about 250 instructions less per record on the caller's path,
+  bench/README.md). Reading the value asks the iterator how many are left. On a
+  free-threaded build this exactness argument does not hold.
 * Everything only the writer thread changes is a plain ``int`` attribute on the
   pipeline: one writer means no lost updates, and readers see some recent value.
 
@@ -19,7 +22,10 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Callable, Sequence
+import operator
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Final
 
 __all__ = ["DEFAULT_LATENCY_BOUNDS", "Counter", "LatencyHistogram"]
 
@@ -43,24 +49,29 @@ DEFAULT_LATENCY_BOUNDS: tuple[float, ...] = (
 """Upper bounds (seconds) of the write-latency buckets; one more bucket catches the rest."""
 
 
+# What a Counter counts down from: at ten million increments a second it would last for
+# 29,000 years (past it, add() would raise StopIteration).
+_TIMES: Final = sys.maxsize
+
+
 class Counter:
     """A monotonically increasing count that any thread may bump without a lock.
 
     Attributes:
-        add: call it (no arguments) to add one; returns the previous value.
+        add: call it (no arguments) to add one; returns ``None``.
     """
 
     __slots__ = ("_count", "add")
 
     def __init__(self) -> None:
-        self._count = itertools.count()
-        self.add: Callable[[], int] = self._count.__next__
+        # next() on it is the increment (what AuditPipeline._front hands the fast path).
+        self._count: Iterator[None] = itertools.repeat(None, _TIMES)
+        self.add: Callable[[], None] = self._count.__next__
 
     @property
     def value(self) -> int:
         """The current count."""
-        # repr is "count(N)"; itertools.count has no other public way to peek.
-        return int(repr(self._count)[6:-1])
+        return _TIMES - operator.length_hint(self._count)
 
     def __repr__(self) -> str:
         return f"<Counter {self.value}>"

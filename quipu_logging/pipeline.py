@@ -534,9 +534,10 @@ class AuditPipeline:
         ``emit`` that can change (accepting and stall, through ``_gate``; capacity), puts
         a deferred ``(build, data)`` item (built by the writer, see :func:`_resolve`),
         then calls :meth:`_settle` when ``_attn`` is set,
-        and counts with ``next(accepted)`` (the ``itertools.count`` inside the ``accepted``
-        counter: ``next()`` on it is cheaper than the bound ``__next__``). Any refusal it
-        leaves to ``emit``, which raises the right error.
+        and counts with ``next(accepted)`` (the ``itertools.repeat`` inside the ``accepted``
+        counter, see :class:`~quipu_logging.metrics.Counter`: ``next()`` on it is cheaper
+        than the bound ``__next__``). Any refusal it leaves to ``emit``, which raises the
+        right error.
         """
         policy = self._policy
         if self._reject_disk_full or self._foreign or not self._accepting:
