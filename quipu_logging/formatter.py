@@ -646,9 +646,16 @@ class AuditJsonFormatter(JsonFormatter):
         arguments and extras), when this formatter has no options (``_plain``): the same
         ``dict``, without rebuilding a ``LogRecord`` or testing for the cases that cannot
         occur. The fast path has checked that ``attrs`` holds what ``LogRecord.__init__``
-        sets, in its order, followed by the extras, so only those are looked at. ``None``
-        when the message cannot be formatted (``to_mapping`` says why).
+        sets, in its order, followed by the extras, so only those are looked at; that is
+        confirmed here once more (a filter that deletes a standard attribute and moves the
+        last one can fool the caller's check). ``None`` when it does not hold, or when the
+        message cannot be formatted (``to_mapping`` then does it, or says why).
         """
+        if tuple(islice(attrs, _N_STD)) != _STD_ATTRS:
+            # A filter moved or deleted standard attributes in a way the caller's position
+            # check cannot see: the extras are not simply the keys after them, so take
+            # to_mapping's way, which tells them apart by name (no field lost).
+            return None
         msg = attrs["msg"]
         args = attrs["args"]
         if args:

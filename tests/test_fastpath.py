@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from quipu_logging import AuditHandler, AuditJsonFormatter, AuditStore
@@ -193,6 +193,22 @@ _record_edits = st.lists(
 
 @settings(max_examples=60, deadline=None)
 @given(edits=_record_edits)
+# Found by Hypothesis: the last standard attribute and then another moved to the end left the
+# position check intact, "who" hidden before them, and the writer dropped it.
+@example(edits=[("move", _STD[-1]), ("move", "name")])
+# The same with extras holding lists hidden before the last standard attribute.
+@example(
+    edits=[
+        ("set", "e1", "list"),
+        ("set", "e2", "list"),
+        ("move", _STD[-1]),
+        ("move", "name"),
+        ("move", "msg"),
+        ("move", "levelname"),
+    ]
+)
+# A deletion and the last attribute moved: the caller cannot see it, the writer must.
+@example(edits=[("del", "msecs"), ("move", _STD[-1])])
 def test_a_filter_reshaping_the_record_cannot_defeat_the_snapshot(
     tmp_path_factory: pytest.TempPathFactory, edits: list[tuple[str, ...]]
 ) -> None:
@@ -202,11 +218,14 @@ def test_a_filter_reshaping_the_record_cannot_defeat_the_snapshot(
     The fast path finds the extras by position (after the last attribute LogRecord.__init__
     sets, which must still be where __init__ put it); a filter that moves attributes to the
     end ("move": delete and set again), deletes some or adds extras holding lists breaks
-    those positions, and such a record must take ``emit``. Known limit, left out here: a
-    filter that deletes a standard attribute *and* moves the last one behind an extra it
-    added leaves the positions looking intact.
+    those positions, and such a record must take ``emit``. Known limit: a filter that moves
+    the last standard attribute itself (deletes it and sets it again) can leave the positions
+    looking intact to the caller, with extras hidden before it. The writer checks the
+    positions once more and builds such a record by name, so no field is lost; but a hidden
+    extra's type was not checked on the caller, and one holding a list is frozen when the
+    writer builds it, not at the call. In that case the test does not append to the lists.
     """
-    assume(not (any(e[0] == "del" for e in edits) and ("move", _STD[-1]) in edits))
+    hole = ("move", _STD[-1]) in edits
     lists: list[list[int]] = []
 
     def reshape(record: logging.LogRecord) -> bool:
@@ -234,7 +253,7 @@ def test_a_filter_reshaping_the_record_cannot_defeat_the_snapshot(
     lg.addHandler(complete)
     try:
         lg.info("user %s did %s", "u1", 7, extra={"who": "u1"})
-        for value in lists:
+        for value in [] if hole else lists:
             value.append(2)  # after the call: must not show in what is stored
         assert fast.flush() and complete.flush()
         assert fast.metrics()["handler_errors"] == complete.metrics()["handler_errors"] == 0
