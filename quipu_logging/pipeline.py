@@ -23,8 +23,8 @@ Design notes (DESIGN §6):
   checks itself (see :meth:`AuditPipeline._front`) and queues ``(build, data)``; the
   writer calls ``build(data)`` for the event when it takes it (:func:`_resolve`).
 * **The writer** (thread ``quipu-writer``) drains at most ``batch_max`` events per
-  ``append_batch``, fewer when they would take more than ``slice_time`` of its CPU,
-  and yields the GIL between slices. When idle it waits at most
+  ``append_batch``, fewer while producers are logging when they would take more than
+  ``slice_time`` of its CPU, and yields the GIL between slices. When idle it waits at most
   until the store's group-commit deadline (``AuditStore.sync_due``), so
   ``group:N:MS`` holds with no further traffic, and at most until the next
   housekeeping (sync, retention, a free-space check), which also runs under steady
@@ -138,12 +138,12 @@ class PipelineConfig:
     Attributes:
         queue_size: capacity of the bounded queue between callers and the writer.
         batch_max: most events the writer appends at once (it yields the GIL between slices).
-        slice_time: seconds of writer CPU one slice aims at: the writer sizes each slice
-            (at most ``batch_max`` events) from the CPU time per event of the slices before
-            it, so the stretch in which it holds the GIL, which is what a logging thread
-            may have to wait, stays near this on a slow machine as on a fast one. The
-            default, 2 ms, is under CPython's 5 ms switch interval; shorter slices cost
-            throughput while producers run (each one hands the GIL over).
+        slice_time: seconds of writer CPU one slice aims at while producers are logging
+            (the queue grew during the last slice): the writer then sizes each slice (at
+            most ``batch_max`` events) from the CPU time per event of the slices before it,
+            so the stretch in which it holds the GIL, which is what a logging thread may
+            have to wait, stays near this on a slow machine as on a fast one. With nobody
+            logging, the backlog goes in slices of ``batch_max``.
         retries: extra attempts after a failed append (not for ENOSPC or a failed fsync).
         retry_backoff: seconds before the first retry; doubled each time, with +-50% jitter.
         dlq_dir: where parked events go; default ``ROOT/dlq``.
@@ -160,7 +160,7 @@ class PipelineConfig:
 
     queue_size: int = 4096
     batch_max: int = 256
-    slice_time: float = 0.002
+    slice_time: float = 0.00025
     retries: int = 3
     retry_backoff: float = 0.02
     dlq_dir: str | os.PathLike[str] | None = None
@@ -356,6 +356,7 @@ class AuditPipeline:
         # Events the next slice takes: sized by time (PipelineConfig.slice_time) from the
         # writer's smoothed CPU seconds per event.
         self._slice = min(64, config.batch_max)
+        self._contended = True  # producers logged while the last slice was written
         self._cpu_per_event = 0.0
         self._batch: list[Mapping[str, Any]] = []  # the batch being written
         self._backlog: list[Mapping[str, Any]] = []  # the final drain's events not yet written
@@ -722,8 +723,12 @@ class AuditPipeline:
             if n:
                 # The segment pwrite of each slice releases the GIL, so producers run
                 # between slices; an extra sleep(0) would only make the writer wait a whole
-                # switch interval to get it back. The slice is sized by time, not by count.
-                self._write_batch([q.get_nowait() for _ in range(min(n, self._slice))])
+                # switch interval to get it back. While producers are logging (the queue grew
+                # during the last slice) a slice is sized by time, so none of them waits long
+                # for the GIL; with nobody logging, the backlog goes in slices of batch_max.
+                take = min(n, self._slice if self._contended else self.config.batch_max)
+                self._write_batch([q.get_nowait() for _ in range(take)])
+                self._contended = q.qsize() > n - take
                 self._after_work()
                 continue
             self._after_work()
@@ -818,7 +823,9 @@ class AuditPipeline:
     def _drain(self, count: int) -> None:
         q = self._queue
         while count > 0:
-            take = min(count, self._slice)
+            # Sliced as in _loop: by time while producers log, else batch_max at once.
+            before = q.qsize()
+            take = min(count, self._slice if self._contended else self.config.batch_max)
             batch = []
             for _ in range(take):
                 try:
@@ -829,7 +836,7 @@ class AuditPipeline:
             count -= len(batch)
             if batch:
                 self._write_batch(batch)
-                time.sleep(0)
+                self._contended = q.qsize() > before - len(batch)
 
     def _sync(self) -> bool:
         """Syncs the store (reopening it after a failed fsync); True when everything is durable."""

@@ -183,7 +183,7 @@ class TestPipelineConfig:
         assert (c.queue_size, c.batch_max, c.retries, c.retry_backoff) == (4096, 256, 3, 0.02)
         assert (c.dlq_dir, c.stall_timeout, c.housekeeping_interval) == (None, 30.0, 30.0)
         assert (c.reject_emit_when_disk_full, c.low_disk_bytes, c.low_disk_ratio) == (False, 1024**3, 0.10)
-        assert c.close_timeout == 10.0 and c.slice_time == 0.002
+        assert c.close_timeout == 10.0 and c.slice_time == 0.00025
 
     @pytest.mark.parametrize(
         "bad",
@@ -317,19 +317,42 @@ class TestEmit:
         assert gaps[0]["first_seq"] == 0 and gaps[0]["last_seq"] == gaps[0]["seq"] == 1
         assert "99 records went to the fallback" in gaps[0]["reason"]
 
-    @pytest.mark.parametrize(("slice_time", "batches"), [(1e-9, 1 + 936), (1e3, 1 + 4)])
-    def test_slices_are_sized_by_the_writers_cpu_time(
-        self, tmp_path: Path, started: Pipes, slice_time: float, batches: int
+    @pytest.mark.parametrize(
+        ("slice_time", "producing", "sizes"),
+        [
+            # Nobody logs while the first slice is written: the backlog goes in one slice
+            # of batch_max (256), whatever slice_time says.
+            (1e-9, False, [64, 36]),
+            (1e3, False, [64, 36]),
+            # Someone logs meanwhile: the next slice is sized by time (1 event for a
+            # slice_time no event fits in; batch_max for a huge one), and once the queue
+            # stops growing the rest goes at once.
+            (1e-9, True, [64, 1, 45]),
+            (1e3, True, [64, 46]),
+        ],
+    )
+    def test_slices_are_sized_by_time_while_producers_log(
+        self, tmp_path: Path, started: Pipes, slice_time: float, producing: bool, sizes: list[int]
     ) -> None:
-        """The first slice takes 64 events; later ones as many as fit in slice_time (1 to batch_max)."""
+        """The first slice takes 64 events; while the queue grows during a slice (producers
+        are logging and waiting for the GIL) the next takes as many as fit in slice_time of
+        the writer's CPU, otherwise up to batch_max."""
         p, handle = _start(started, tmp_path / "s", slice_time=slice_time)
+        hang = Hang()
         with paused(p):
-            for i in range(1000):
+            handle.emit("app", {"i": 0, "hang": hang})  # the writer waits inside slice 1
+            for i in range(1, 100):
                 handle.emit("app", {"i": i})
+        assert hang.entered.wait(10)
+        if producing:
+            for i in range(100, 110):
+                handle.emit("app", {"i": i})
+        hang.release.set()
         assert p.flush(10)
         m = handle.metrics()
-        assert (m["written"], m["batches"]) == (1000, batches)
-        assert [r["i"] for r in _user(_records(tmp_path / "s"))] == list(range(1000))
+        total = 110 if producing else 100
+        assert (m["written"], m["batches"]) == (total, len(sizes))
+        assert [r["i"] for r in _user(_records(tmp_path / "s"))] == list(range(total))
 
     def test_several_producers_overshoot_by_at_most_one_each(self, tmp_path: Path, started: Pipes) -> None:
         """With T producer threads the queue holds at most capacity + T, and every emit is counted once."""
