@@ -643,7 +643,7 @@ class AuditHandler(logging.Handler):
                                 try:
                                     if attrs["created"] < gate:
                                         gate = None
-                                except (KeyError, TypeError):
+                                except Exception:  # never into the caller: emit() decides
                                     pass
                             if gate is None and q.qsize() < capacity:
                                 item = (build, attrs.copy())

@@ -370,9 +370,15 @@ def test_the_stall_deadline_is_compared_with_the_records_created(
     pipeline = handler.pipeline
     assert pipeline is not None
 
+    class Incomparable:
+        def __lt__(self, other: object) -> bool:
+            raise RuntimeError("no order here")
+
     def broken_created(record: logging.LogRecord) -> bool:
         if record.getMessage().startswith("odd created"):
             record.created = "yesterday"  # type: ignore[assignment]
+        elif record.getMessage() == "incomparable created":
+            record.created = Incomparable()  # type: ignore[assignment]
         return True
 
     logger.addFilter(broken_created)
@@ -386,6 +392,8 @@ def test_the_stall_deadline_is_compared_with_the_records_created(
         pipeline._gate = time.time() + 3600
         logger.info("odd created, batch running")
         assert spy.calls == 2
+        logger.info("incomparable created")
+        assert spy.calls == 3
         pipeline._gate = None
         logger.info("odd created, no batch")
     assert handler.flush()
@@ -395,5 +403,6 @@ def test_the_stall_deadline_is_compared_with_the_records_created(
     # With no batch running the fast path queued it; the writer could not build it and kept
     # it, saying why, with the time the store appended it.
     assert stored[2]["message_error"].startswith("TypeError") and isinstance(stored[2]["ts"], int)
-    assert [r.getMessage() for r in fallback.records] == ["odd created, batch running"]
-    assert (m["written"], m["rejected"], m["fallback_ok"]) == (3, 1, 1)
+    fell_back = [r.getMessage() for r in fallback.records]
+    assert fell_back == ["odd created, batch running", "incomparable created"]
+    assert (m["written"], m["rejected"], m["fallback_ok"]) == (3, 2, 2)
