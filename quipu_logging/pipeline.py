@@ -296,9 +296,12 @@ class AuditPipeline:
         # one runs, _CLOSED (-inf) once not accepting. The deadline is in time.time()
         # terms: the fast path compares it with record.created, which logging read
         # already, instead of calling a clock. emit() checks with the monotonic clock and
-        # has the last word: a wall-clock step forward only sends records to emit(); one
-        # backwards during a stalled batch lets the fast path queue (in the bounded
-        # queue, nothing lost) for up to the step longer.
+        # has the last word: a wall-clock step forward only sends records to emit(). Once
+        # emit() or health() sees the batch stalled, the gate is _CLOSED until the batch
+        # ends (_stall_seen), so records created before the deadline but handled after it
+        # (a lagging QueueListener, replays) are refused too. Until someone looks, such
+        # records, or a wall-clock step backwards, can still queue behind the stalled
+        # batch (in the bounded queue: nothing is lost while the writer recovers).
         self._gate: float | None = None
         self._disk_full = False
         self._low_disk = False
@@ -473,6 +476,19 @@ class AuditPipeline:
                 f"stall_timeout={self._stall_timeout}s"
             )
         return self._why_closed
+
+    def _stall_seen(self, busy: float) -> None:
+        """Someone saw the running batch past its stall deadline by the monotonic clock.
+
+        Closes the fast path's gate as well: it compares the wall-clock deadline with
+        ``record.created``, which a record delivered late (a lagging ``QueueListener``, a
+        replay through ``makeLogRecord``) has from before the deadline. The writer opens
+        the gate again when the batch ends. (Should the batch end between the caller's
+        look and this, the gate stays closed until the next batch ends: records meanwhile
+        take ``emit()``, which accepts them, and the first of them starts that batch.)
+        """
+        if self._busy_since is busy and self._accepting:
+            self._gate = _CLOSED
 
     def _disk_full_reason(self) -> str:
         return f"audit store {self.store_root!r} is out of disk space; event rejected"
@@ -1268,6 +1284,8 @@ class AuditHandle:
             raise TypeError(f"an audit event must be a mapping, got {type(event).__name__}")
         busy = p._busy_since
         if not p._accepting or (busy is not None and p._clock() - busy > p._stall_timeout):
+            if busy is not None:
+                p._stall_seen(busy)
             p._rejected_closed.add()
             p._gap_pending = True
             raise PipelineClosedError(event, p._closed_reason())
@@ -1382,6 +1400,9 @@ class AuditHandle:
         alive = p._thread.is_alive() and not (p._foreign or p._finished or p._dying)
         busy = p._busy_since
         stalled = busy is not None and p._clock() - busy > p._stall_timeout
+        if stalled:
+            assert busy is not None
+            p._stall_seen(busy)
         if not alive or stalled or p._disk_full:
             status = "unhealthy"
         elif p._low_disk or p._dlq_entries > 0:

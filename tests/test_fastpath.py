@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from quipu_logging import AuditHandler, AuditJsonFormatter, AuditStore
+from quipu_logging import (
+    AuditHandler,
+    AuditJsonFormatter,
+    AuditPipeline,
+    AuditStore,
+    PipelineConfig,
+    StoreConfig,
+)
 from quipu_logging.testing import paused
 
 
@@ -406,3 +414,79 @@ def test_the_stall_deadline_is_compared_with_the_records_created(
     fell_back = [r.getMessage() for r in fallback.records]
     assert fell_back == ["odd created, batch running", "incomparable created"]
     assert (m["written"], m["rejected"], m["fallback_ok"]) == (3, 2, 2)
+
+
+class _Hang:
+    """A value whose ``repr`` blocks until released: the writer hangs in the middle of a batch."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __repr__(self) -> str:
+        self.entered.set()
+        self.release.wait(30)
+        return "_Hang()"
+
+
+class _Clock:
+    """The pipeline's monotonic clock, moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("looker", ["health", "emit"])
+def test_a_stall_once_seen_refuses_records_created_before_its_deadline(
+    tmp_path: Path, logger: logging.Logger, looker: str
+) -> None:
+    """The fast path compares the stall deadline with ``record.created``; a record delivered
+    late (a lagging QueueListener, a replay through makeLogRecord) was created before it.
+    Once ``health()`` or ``emit()`` sees the batch stalled by the monotonic clock, the fast
+    path is closed too, until the batch ends. Before anyone looks, such a record queues
+    behind the stalled batch (the documented window) and is stored when it recovers."""
+    pipeline = AuditPipeline.start(
+        StoreConfig(root=tmp_path / "s"), config=PipelineConfig(stall_timeout=3600)
+    )
+    clock = _Clock()
+    pipeline._clock = clock
+    fallback = Capture()
+    handler = AuditHandler(pipeline=pipeline, fallback=fallback)
+    logger.addHandler(handler)
+    made = time.time()
+
+    def replay(msg: str) -> None:
+        logger.handle(
+            logging.makeLogRecord({"name": logger.name, "msg": msg, "levelno": 20, "created": made})
+        )
+
+    hang = _Hang()
+    try:
+        logger.info("hangs", extra={"h": hang})  # an object: emit() builds it; the writer hangs in repr
+        assert hang.entered.wait(10)
+        clock.now += 7200  # the batch is past its stall deadline (the wall-clock one is an hour off)
+        replay("replayed before anyone looked")
+        if looker == "health":
+            assert handler.health()["stalled"] is True
+        else:
+            logger.info("seen by emit", extra={"ctx": ["a list takes emit()"]})
+        replay("replayed after")
+        logger.info("live after")
+    finally:
+        hang.release.set()
+    assert handler.flush()
+    logger.info("after the batch ended")  # the writer opened the gate again
+    assert handler.flush()
+    refused = ["replayed after", "live after"]
+    if looker == "emit":
+        refused.insert(0, "seen by emit")
+    assert [r.getMessage() for r in fallback.records] == refused
+    stored = [p["message"] for p in payloads(tmp_path / "s")]
+    assert stored == ["hangs", "replayed before anyone looked", "after the batch ended"]
+    m = handler.metrics()
+    assert m["rejected_closed"] == m["rejected"] == len(refused)
+    handler.close()
+    pipeline.close()
