@@ -49,29 +49,36 @@ DEFAULT_LATENCY_BOUNDS: tuple[float, ...] = (
 """Upper bounds (seconds) of the write-latency buckets; one more bucket catches the rest."""
 
 
-# What a Counter counts down from: at ten million increments a second it would last for
-# 29,000 years (past it, add() would raise StopIteration).
+# What a Counter counts down from. On a 64-bit build, at ten million increments a second
+# it would last for 29,000 years (past it, add() would raise StopIteration). On a 32-bit
+# build 2**31 - 1 increments would be a few weeks of a busy service: there it counts up an
+# itertools.count instead (no end, an int made per increment).
 _TIMES: Final = sys.maxsize
+_COUNT_DOWN: Final = sys.maxsize >= 2**62
 
 
 class Counter:
     """A monotonically increasing count that any thread may bump without a lock.
 
     Attributes:
-        add: call it (no arguments) to add one; returns ``None``.
+        add: call it (no arguments) to add one; what it returns means nothing.
     """
 
-    __slots__ = ("_count", "add")
+    __slots__ = ("_count", "_down", "add")
 
-    def __init__(self) -> None:
+    def __init__(self, *, count_down: bool = _COUNT_DOWN) -> None:
         # next() on it is the increment (what AuditPipeline._front hands the fast path).
-        self._count: Iterator[None] = itertools.repeat(None, _TIMES)
-        self.add: Callable[[], None] = self._count.__next__
+        self._down = count_down
+        self._count: Iterator[object] = itertools.repeat(None, _TIMES) if count_down else itertools.count()
+        self.add: Callable[[], object] = self._count.__next__
 
     @property
     def value(self) -> int:
         """The current count."""
-        return _TIMES - operator.length_hint(self._count)
+        if self._down:
+            return _TIMES - operator.length_hint(self._count)
+        # repr is "count(N)"; itertools.count has no other public way to peek.
+        return int(repr(self._count)[6:-1])
 
     def __repr__(self) -> str:
         return f"<Counter {self.value}>"
