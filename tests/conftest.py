@@ -1,8 +1,12 @@
-"""Shared test setup: Hypothesis profiles, and proof that the installed package is under test."""
+"""Shared test setup: Hypothesis profiles, proof that the installed package is under test, and
+the small doubles several test modules use (a capturing handler, a hanging value, a hand clock)."""
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +53,55 @@ def ed25519_pem(tmp_path: Path) -> tuple[Path, bytes]:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return private, public
+
+
+class Capture(logging.Handler):
+    """A handler (a fallback, say) that keeps every record it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class Hang:
+    """A value whose ``repr`` blocks until released: the writer hangs while encoding it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __repr__(self) -> str:
+        self.entered.set()
+        self.release.wait(30)
+        return "Hang()"
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (a pipeline's ``_clock``: its stall measure)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def capture() -> Capture:
+    return Capture()
+
+
+@pytest.fixture
+def hang() -> Iterator[Hang]:
+    """A fresh :class:`Hang`; released at teardown so no writer thread stays stuck in it."""
+    value = Hang()
+    yield value
+    value.release.set()
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,17 +49,6 @@ class Spy:
     def __call__(self, record: logging.LogRecord) -> None:
         self.calls += 1
         self._emit(record)
-
-
-class Capture(logging.Handler):
-    """A fallback that keeps the records it is given."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def payloads(root: Path) -> list[dict[str, Any]]:
@@ -314,19 +302,11 @@ def test_formatter_subclass_and_object_fields_take_emit(tmp_path: Path, logger: 
     assert one["tagged"] is True and two["cfg"] == {"k": 1} and three["service"] == "api"
 
 
-def test_a_closed_pipeline_refuses_the_fast_path(tmp_path: Path, logger: logging.Logger) -> None:
+def test_a_closed_pipeline_refuses_the_fast_path(
+    tmp_path: Path, logger: logging.Logger, capture: Any
+) -> None:
     """Closing the pipeline under the handler: records go to the fallback, counted once."""
-
-    class Keep(logging.Handler):
-        def __init__(self) -> None:
-            super().__init__()
-            self.messages: list[str] = []
-
-        def emit(self, record: logging.LogRecord) -> None:
-            self.messages.append(record.getMessage())
-
-    keep = Keep()
-    handler = AuditHandler(tmp_path / "s", fallback=keep)
+    handler = AuditHandler(tmp_path / "s", fallback=capture)
     logger.addHandler(handler)
     logger.info("stored")
     pipeline = handler.pipeline
@@ -334,7 +314,7 @@ def test_a_closed_pipeline_refuses_the_fast_path(tmp_path: Path, logger: logging
     assert pipeline.close()
     logger.info("diverted")
     m = handler.metrics()
-    assert keep.messages == ["diverted"]
+    assert [r.getMessage() for r in capture.records] == ["diverted"]
     assert m["rejected"] == m["fallback_ok"] == m["diverted_closed"] == 1
     assert (m["offered"], m["accepted"], m["rejected_closed"]) == (2, 1, 1)
     assert [p["message"] for p in payloads(tmp_path / "s")] == ["stored"]
@@ -363,7 +343,7 @@ def test_a_builder_that_fails_still_stores_the_record(
 
 
 def test_the_stall_deadline_is_compared_with_the_records_created(
-    tmp_path: Path, logger: logging.Logger
+    tmp_path: Path, logger: logging.Logger, capture: Any
 ) -> None:
     """While a batch runs, the fast path compares its wall-clock stall deadline with
     ``record.created`` (no clock call). Past the deadline, or with a ``created`` a filter
@@ -371,7 +351,7 @@ def test_the_stall_deadline_is_compared_with_the_records_created(
     really running, so "past the deadline" is stored; ``emit`` cannot build a record whose
     ``created`` is not a number and sends it to the fallback, counted. Nothing raises into
     the caller, and no record is lost."""
-    fallback = Capture()
+    fallback = capture
     handler = AuditHandler(tmp_path / "s", fallback=fallback)
     logger.addHandler(handler)
     spy = Spy(handler)
@@ -416,32 +396,9 @@ def test_the_stall_deadline_is_compared_with_the_records_created(
     assert (m["written"], m["rejected"], m["fallback_ok"]) == (3, 2, 2)
 
 
-class _Hang:
-    """A value whose ``repr`` blocks until released: the writer hangs in the middle of a batch."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __repr__(self) -> str:
-        self.entered.set()
-        self.release.wait(30)
-        return "_Hang()"
-
-
-class _Clock:
-    """The pipeline's monotonic clock, moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.mark.parametrize("looker", ["health", "emit"])
 def test_a_stall_once_seen_refuses_records_created_before_its_deadline(
-    tmp_path: Path, logger: logging.Logger, looker: str
+    tmp_path: Path, logger: logging.Logger, capture: Any, hang: Any, fake_clock: Any, looker: str
 ) -> None:
     """The fast path compares the stall deadline with ``record.created``; a record delivered
     late (a lagging QueueListener, a replay through makeLogRecord) was created before it.
@@ -451,9 +408,9 @@ def test_a_stall_once_seen_refuses_records_created_before_its_deadline(
     pipeline = AuditPipeline.start(
         StoreConfig(root=tmp_path / "s"), config=PipelineConfig(stall_timeout=3600)
     )
-    clock = _Clock()
+    clock = fake_clock
     pipeline._clock = clock
-    fallback = Capture()
+    fallback = capture
     handler = AuditHandler(pipeline=pipeline, fallback=fallback)
     logger.addHandler(handler)
     made = time.time()
@@ -463,7 +420,6 @@ def test_a_stall_once_seen_refuses_records_created_before_its_deadline(
             logging.makeLogRecord({"name": logger.name, "msg": msg, "levelno": 20, "created": made})
         )
 
-    hang = _Hang()
     try:
         logger.info("hangs", extra={"h": hang})  # an object: emit() builds it; the writer hangs in repr
         assert hang.entered.wait(10)

@@ -103,29 +103,6 @@ class FaultLayer(PowerLossFileLayer):
         super().fsync(fd)
 
 
-class Hang:
-    """A value whose ``repr`` blocks until released: the writer hangs while encoding it."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-    def __repr__(self) -> str:
-        self.entered.set()
-        self.release.wait(30)
-        return "Hang()"
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand (the pipeline's stall measure)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def started() -> Iterator[Pipes]:
     """Collects pipelines and closes any the test left open (so no thread outlives it)."""
@@ -332,13 +309,18 @@ class TestEmit:
         ],
     )
     def test_slices_are_sized_by_time_while_producers_log(
-        self, tmp_path: Path, started: Pipes, slice_time: float, producing: bool, sizes: list[int]
+        self,
+        tmp_path: Path,
+        started: Pipes,
+        hang: Any,
+        slice_time: float,
+        producing: bool,
+        sizes: list[int],
     ) -> None:
         """The first slice takes 64 events; while the queue grows during a slice (producers
         are logging and waiting for the GIL) the next takes as many as fit in slice_time of
         the writer's CPU, otherwise up to batch_max."""
         p, handle = _start(started, tmp_path / "s", slice_time=slice_time)
-        hang = Hang()
         with paused(p):
             handle.emit("app", {"i": 0, "hang": hang})  # the writer waits inside slice 1
             for i in range(1, 100):
@@ -457,10 +439,9 @@ class TestFlushAndClose:
             assert p.close()
         assert [r["i"] for r in _user(_records(tmp_path / "s"))] == list(range(8))
 
-    def test_close_returns_when_the_writer_hangs(self, tmp_path: Path, started: Pipes) -> None:
+    def test_close_returns_when_the_writer_hangs(self, tmp_path: Path, started: Pipes, hang: Any) -> None:
         """close(timeout) returns False while the writer hangs in a repr, and finishes once it recovers."""
         p, handle = _start(started, tmp_path / "s")
-        hang = Hang()
         handle.emit("app", {"bad": hang})
         assert hang.entered.wait(10)
         assert p.close(timeout=0.05) is False
@@ -651,13 +632,12 @@ class TestFailures:
 
 class TestStall:
     def test_a_hung_batch_turns_health_unhealthy_until_it_completes(
-        self, tmp_path: Path, started: Pipes
+        self, tmp_path: Path, started: Pipes, hang: Any, fake_clock: Any
     ) -> None:
         """A batch longer than stall_timeout: unhealthy, emits rejected as closed; then back to ok."""
         p, handle = _start(started, tmp_path / "s", stall_timeout=5.0)
-        clock = FakeClock()
+        clock = fake_clock
         p._clock = clock
-        hang = Hang()
         handle.emit("app", {"bad": hang})
         assert hang.entered.wait(10)
         handle.emit("app", {"i": 1})  # not stalled yet: accepted
@@ -679,7 +659,9 @@ class TestStall:
 
 
 class TestAccounting:
-    def test_every_path_keeps_both_identities(self, tmp_path: Path, started: Pipes) -> None:
+    def test_every_path_keeps_both_identities(
+        self, tmp_path: Path, started: Pipes, hang: Any, fake_clock: Any
+    ) -> None:
         """Full, closed, disk full, retry, DLQ, on_lost, lost, denied, stall: all add up; gaps recorded."""
         layer = FaultLayer()
         dlq = tmp_path / "dlq"
@@ -704,7 +686,7 @@ class TestAccounting:
             stall_timeout=5.0,
             reject_emit_when_disk_full=True,
         )
-        clock = FakeClock()
+        clock = fake_clock
         p._clock = clock
         emit = handle.emit
 
@@ -738,7 +720,7 @@ class TestAccounting:
         layer.stick("segment", None)
         assert p.flush(10)
         assert not handle.health()["disk_full"]  # the gap record was a successful write
-        hang = Hang()  # stall
+        # stall
         emit("app", {"path": "hang", "v": hang})
         assert hang.entered.wait(10)
         clock.now += 10

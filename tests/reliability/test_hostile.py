@@ -24,15 +24,6 @@ from quipu_logging import AuditHandler, AuditPipeline, AuditStore, PipelineConfi
 WAIT = 60.0
 
 
-class Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 class RaisingRepr:
     def __repr__(self) -> str:
         raise RuntimeError("repr refuses")
@@ -255,9 +246,9 @@ def _identities(m: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
-def test_hostile_input(row: Row, tmp_path: Path, logger: logging.Logger) -> None:
+def test_hostile_input(row: Row, tmp_path: Path, logger: logging.Logger, capture: Any) -> None:
     """The call returns; the record is stored with markers or diverted, and counted."""
-    fallback = Capture()
+    fallback = capture
     root = tmp_path / "store"
     handler = AuditHandler(root, fallback=fallback, **dict(row.handler_options))
     # handleError would print "--- Logging error ---"; here it records that it was called.
@@ -300,7 +291,7 @@ class HangingRepr:
             return "<released>"
 
 
-def test_repr_that_hangs_on_a_lock(tmp_path: Path, logger: logging.Logger) -> None:
+def test_repr_that_hangs_on_a_lock(tmp_path: Path, logger: logging.Logger, capture: Any) -> None:
     """The heartbeat reports the stall, later emits are diverted, close(timeout) returns."""
     lock = threading.Lock()
     lock.acquire()
@@ -308,7 +299,7 @@ def test_repr_that_hangs_on_a_lock(tmp_path: Path, logger: logging.Logger) -> No
     pipeline = AuditPipeline.start(
         StoreConfig(root=tmp_path / "store"), config=PipelineConfig(stall_timeout=0.2, close_timeout=0.5)
     )
-    fallback = Capture()
+    fallback = capture
     handler = AuditHandler(pipeline=pipeline, fallback=fallback)
     logger.addHandler(handler)
     try:
