@@ -742,9 +742,7 @@ class AuditPipeline:
                 # switch interval to get it back. While producers are logging (the queue grew
                 # during the last slice) a slice is sized by time, so none of them waits long
                 # for the GIL; with nobody logging, the backlog goes in slices of batch_max.
-                take = min(n, self._slice if self._contended else self.config.batch_max)
-                self._write_batch([q.get_nowait() for _ in range(take)])
-                self._contended = q.qsize() > n - take
+                self._write_batch([q.get_nowait() for _ in range(min(n, self._slice_cap()))])
                 self._after_work()
                 continue
             self._after_work()
@@ -839,9 +837,7 @@ class AuditPipeline:
     def _drain(self, count: int) -> None:
         q = self._queue
         while count > 0:
-            # Sliced as in _loop: by time while producers log, else batch_max at once.
-            before = q.qsize()
-            take = min(count, self._slice if self._contended else self.config.batch_max)
+            take = min(count, self._slice_cap())  # sliced as in _loop
             batch = []
             for _ in range(take):
                 try:
@@ -852,7 +848,6 @@ class AuditPipeline:
             count -= len(batch)
             if batch:
                 self._write_batch(batch)
-                self._contended = q.qsize() > before - len(batch)
 
     def _sync(self) -> bool:
         """Syncs the store (reopening it after a failed fsync); True when everything is durable."""
@@ -880,6 +875,7 @@ class AuditPipeline:
 
     def _write_batch(self, batch: list[Any]) -> None:
         self._taken += len(batch)
+        waiting = self._queue.qsize()
         started = time.perf_counter()
         cpu = time.thread_time()
         self._busy_since = self._clock()
@@ -893,18 +889,24 @@ class AuditPipeline:
             self._busy_since = None
             self._set_gate(None)
         self._latency.observe(time.perf_counter() - started)
-        self._size_slice(len(batch), time.thread_time() - cpu)
+        self._size_slice(len(batch), time.thread_time() - cpu, self._queue.qsize() > waiting)
         self._batches += 1
         self._batch = []
 
-    def _size_slice(self, events: int, cpu: float) -> None:
-        """Sizes the next slice so that it takes about ``slice_time`` of the writer's CPU.
+    def _slice_cap(self) -> int:
+        """Most events the next slice takes: time-sized while producers log, else ``batch_max``."""
+        return self._slice if self._contended else self.config.batch_max
+
+    def _size_slice(self, events: int, cpu: float, grew: bool) -> None:
+        """Sizes the next slice so that it takes about ``slice_time`` of the writer's CPU;
+        ``grew``: the queue grew while this one was written (producers are logging).
 
         CPU time, not wall time: a slice that waited on an fsync or a retry's backoff
         held no GIL meanwhile, and counting the wait would shrink the slices of the
         ``always`` policy, adding fsyncs. Smoothed, so one slow slice (a rollover, a
         checkpoint) does not halve the next one.
         """
+        self._contended = grew
         if events <= 0:
             return
         per = cpu / events
